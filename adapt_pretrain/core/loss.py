@@ -1,0 +1,68 @@
+"""Weighted loss assembly (DESIGN 1.4), returning a sum and its normaliser separately.
+
+Returning `(sum m w l, normaliser)` instead of a ratio lets the caller normalise over the *global*
+batch (all micro-batches and data-parallel ranks), which is what keeps any parallel layout equal to
+a single process (DESIGN 2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapt_pretrain.kernels import weighted_cross_entropy
+
+
+@dataclass
+class LossTerms:
+    loss_sum: torch.Tensor     # 0-dim, differentiable: sum_t m_t w_t l_t
+    normaliser: torch.Tensor   # 0-dim, detached: this micro-batch's share of the global normaliser
+    token_loss: torch.Tensor   # [T] plain cross-entropy, detached (monitoring, LinUpper)
+    weights: torch.Tensor      # [G] the group weights actually applied
+
+
+def plain_token_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group=None, vocab_start: int = 0) -> torch.Tensor:
+    """Unweighted per-token cross-entropy; the exact computation plain training uses."""
+    if tp_group is None:
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    ones = torch.ones(1, dtype=torch.float32, device=logits.device)
+    zeros = torch.zeros_like(labels)
+    weighted, _ = weighted_cross_entropy(logits, labels, zeros, ones, tp_group=tp_group, vocab_start=vocab_start)
+    return weighted
+
+
+def token_weights(group_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gather per-group weights onto tokens; padding (group -1) gets 0."""
+    gathered = weights.float()[group_ids.clamp_min(0)]
+    return torch.where(group_ids >= 0, gathered, torch.zeros_like(gathered))
+
+
+def normaliser_for(mode: str, loss_mask: torch.Tensor, tok_weights: torch.Tensor | None,
+                   num_contributions: int) -> torch.Tensor:
+    """This micro-batch's share of the global normaliser for `weights`, `tokens` or `sum` mode.
+
+    For `sum` the global normaliser must be 1: each of the `num_contributions` micro-batches
+    (micro-batches x data-parallel ranks) contributes 1 / num_contributions.
+    """
+    mask = loss_mask.float()
+    if mode == "weights":
+        base = mask if tok_weights is None else mask * tok_weights
+        return base.sum().detach()
+    if mode == "tokens":
+        return mask.sum().detach()
+    if mode == "sum":
+        return torch.tensor(1.0 / num_contributions, dtype=torch.float32, device=mask.device)
+    raise ValueError(f"unknown normalisation mode {mode!r}")
+
+
+def weighted_loss_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
+                        weights: torch.Tensor, mode: str, tp_group=None, vocab_start: int = 0,
+                        num_contributions: int = 1) -> LossTerms:
+    """Fused weighted CE (weights gathered by group id in the kernel) plus the normaliser."""
+    weighted, token_loss = weighted_cross_entropy(logits, labels, group_ids, weights.float(),
+                                                  tp_group=tp_group, vocab_start=vocab_start)
+    mask = loss_mask.float()
+    loss_sum = (weighted * mask).sum()
+    tok_w = token_weights(group_ids, weights) if mode == "weights" else None
+    return LossTerms(loss_sum, normaliser_for(mode, mask, tok_w, num_contributions), token_loss, weights.detach())

@@ -1,0 +1,61 @@
+"""Scores -> weights (DESIGN 1.3): w = clip(sigmoid(z / tau), w_min, w_max), detached.
+
+`RunningScoreStats` supports `standardize`: scores are z-scored with an EMA of the global batch's
+mean and variance. The statistics used in a step are those from the end of the previous step, so
+every data-parallel rank and every micro-batch of a step applies the same transform whatever the
+parallel layout (the step's own statistics are only known after all micro-batches ran).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def weights_from_scores(scores: torch.Tensor, tau: float, w_min: float, w_max: float,
+                        mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """The weight formula on precomputed scores (used for static signals such as BM25)."""
+    z = (scores.float() - mean) / std
+    return torch.sigmoid(z / max(tau, 1e-8)).clamp(w_min, w_max)
+
+
+@dataclass
+class RunningScoreStats:
+    """EMA of the mean and variance of scores over global batches."""
+
+    momentum: float = 0.99
+    mean: float = 0.0
+    var: float = 1.0
+    initialized: bool = False
+    eps: float = 1e-6
+
+    @staticmethod
+    def partial_sums(scores: torch.Tensor) -> torch.Tensor:
+        """[count, sum, sum of squares] of local scores: all-reduce these over DP ranks."""
+        s = scores.detach().double()
+        return torch.stack([torch.tensor(float(s.numel()), dtype=torch.float64, device=s.device), s.sum(), (s * s).sum()])
+
+    def update(self, reduced: torch.Tensor) -> None:
+        """Fold one global batch's reduced [count, sum, sumsq] into the running statistics."""
+        count, total, total_sq = (float(x) for x in reduced.cpu())
+        if count <= 0:
+            return
+        batch_mean = total / count
+        batch_var = max(total_sq / count - batch_mean * batch_mean, 0.0)
+        if not self.initialized:
+            self.mean, self.var, self.initialized = batch_mean, batch_var, True
+            return
+        m = self.momentum
+        self.mean = m * self.mean + (1 - m) * batch_mean
+        self.var = m * self.var + (1 - m) * batch_var
+
+    @property
+    def std(self) -> float:
+        return (self.var + self.eps) ** 0.5
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "var": self.var, "initialized": self.initialized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.var, self.initialized = float(state["mean"]), float(state["var"]), bool(state["initialized"])
