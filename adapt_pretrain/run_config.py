@@ -1,0 +1,314 @@
+"""`RunConfig`: everything one training run needs, from one file plus `key=value` overrides.
+
+One file describes model, data, parallel layout, optimiser, ADAPT, the training loop and
+monitoring. It may be YAML with our section names, or a DeepSpeed-style JSON whose DeepSpeed keys
+(`train_micro_batch_size_per_gpu`, `gradient_accumulation_steps`, `gradient_clipping`, `optimizer`,
+`scheduler`, `bf16`, `zero_optimization`, `steps_per_print`, `wandb`) are mapped onto ours, with ADAPT
+in an `"adapt"` section; people coming from DeepSpeed keep their file. Validation happens before
+any process group or model exists, and every error names the offending field: a typo must fail in
+the first second, not after the model is built on 512 GPUs.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from adapt_pretrain.config import AdaptConfig, ConfigError, dataclass_from_dict
+
+
+@dataclass
+class TrainConfig:
+    """The training loop (not the model or the optimiser).
+
+    steps: optimiser steps of the whole run (also the LR schedule's horizon unless optim says otherwise).
+    micro_batch_size: sequences per micro-batch per data-parallel rank.
+    global_batch_size: sequences per optimiser step over all data-parallel ranks; must be a multiple
+        of micro_batch_size * dp. Leave null to use gradient_accumulation_steps instead.
+    gradient_accumulation_steps: micro-batches per step per rank when global_batch_size is null (default 1).
+    seed: one seed for model init, dropout and data order (each part derives its own streams).
+    checkpoint_interval: save every this many steps (0: only at the end); keep_checkpoints: how many to keep.
+    run_dir: metrics, checkpoints and the prepared demo data live here.
+    max_nonfinite_in_row: stop (with a message) after this many consecutive non-finite steps.
+    log_interval: print a line to stdout every this many steps (metrics.jsonl gets every step).
+    stop_at_step: end this invocation after that step, leaving the schedule untouched (time-boxed
+        jobs and resume tests); null runs to `steps`.
+    progress_bar: tqdm bar on rank 0.
+    """
+
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    seed: int = 1234
+    checkpoint_interval: int = 0
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/default"
+    max_nonfinite_in_row: int = 5
+    log_interval: int = 10
+    stop_at_step: int | None = None
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        def integer(name: str, minimum: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"train.{name}={value!r} must be an integer")
+            if value < minimum:
+                raise ConfigError(f"train.{name}={value} must be >= {minimum}")
+
+        integer("steps", 1)
+        integer("micro_batch_size", 1)
+        integer("global_batch_size", 1, optional=True)
+        integer("gradient_accumulation_steps", 1, optional=True)
+        integer("seed", 0)
+        integer("checkpoint_interval", 0)
+        integer("keep_checkpoints", 1)
+        integer("max_nonfinite_in_row", 1)
+        integer("log_interval", 1)
+        integer("stop_at_step", 1, optional=True)
+        if not isinstance(self.run_dir, str) or not self.run_dir:
+            raise ConfigError(f"train.run_dir={self.run_dir!r} must be a non-empty path")
+        if not isinstance(self.progress_bar, bool):
+            raise ConfigError(f"train.progress_bar={self.progress_bar!r} must be true or false")
+
+    def num_microbatches(self, dp: int) -> int:
+        """Micro-batches per step on each data-parallel rank for a data-parallel size `dp`."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps or 1
+        per_step = self.micro_batch_size * dp
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size * data-parallel size = {self.micro_batch_size} * {dp} = {per_step}")
+        gas = self.global_batch_size // per_step
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != gas:
+            raise ConfigError(
+                f"train.gradient_accumulation_steps={self.gradient_accumulation_steps} contradicts "
+                f"train.global_batch_size={self.global_batch_size} (micro_batch_size={self.micro_batch_size}, "
+                f"dp={dp} gives {gas}); set only one of them")
+        return gas
+
+
+def _section_classes() -> dict[str, type]:
+    """Section name -> dataclass. Imported here so each part keeps owning its own config class."""
+    from adapt_pretrain.data.config import DataConfig
+    from adapt_pretrain.megatron.config import ModelConfig, OptimConfig, ParallelConfig
+    from adapt_pretrain.monitor import WandbConfig
+
+    return {"adapt": AdaptConfig, "model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
+            "data": DataConfig, "train": TrainConfig, "wandb": WandbConfig}
+
+
+SECTIONS = ("adapt", "model", "parallel", "optim", "data", "train", "wandb")
+
+
+@dataclass
+class RunConfig:
+    """All sections of a run. Build with `load_run_config(path, overrides)` or `RunConfig.from_dict`."""
+
+    adapt: AdaptConfig
+    model: Any
+    parallel: Any
+    optim: Any
+    data: Any
+    train: TrainConfig
+    wandb: Any
+    source: str = ""  # the file it came from (for messages only)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "RunConfig":
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        classes = _section_classes()
+        built = {}
+        for name in SECTIONS:
+            try:
+                built[name] = dataclass_from_dict(classes[name], raw.get(name) or {}, section=name)
+            except ConfigError:
+                raise
+            except TypeError as exc:  # a dataclass without its own validation, e.g. a missing field
+                raise ConfigError(f"{source}: section {name!r}: {exc}") from None
+        return cls(**built, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (for checkpoints, W&B and the config.json written into the run dir)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def layout(self, world_size: int) -> dict[str, int]:
+        """The parallel layout for `world_size` processes; raises ConfigError if it does not divide."""
+        tp = int(getattr(self.parallel, "tensor_model_parallel_size", 1))
+        pp = int(getattr(self.parallel, "pipeline_model_parallel_size", 1))
+        vp = getattr(self.parallel, "virtual_pipeline_model_parallel_size", None)
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size * "
+                f"parallel.pipeline_model_parallel_size = {tp} * {pp}")
+        dp = world_size // (tp * pp)
+        return {"world_size": world_size, "tp": tp, "pp": pp, "vp": int(vp or 1), "dp": dp,
+                "micro_batch_size": self.train.micro_batch_size, "num_microbatches": self.train.num_microbatches(dp)}
+
+
+# ----- DeepSpeed-style JSON -----------------------------------------------------------------------
+
+# DeepSpeed keys that carry no meaning for this trainer and are accepted silently (they only tune
+# DeepSpeed's own engine, which is not used: megatron-core owns model, optimiser and schedule).
+_DS_IGNORED = {"wall_clock_breakdown", "dump_state", "prescale_gradients", "zero_allow_untested_optimizer",
+               "memory_breakdown", "communication_data_type", "flops_profiler", "comms_logger"}
+_DS_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+            "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization",
+            "steps_per_print", "wandb", "seed"} | _DS_IGNORED
+
+
+def _set(raw: dict, path: str, value: Any) -> None:
+    section, key = path.split(".", 1)
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"section {section!r} must be a mapping")
+    if key in target and target[key] != value:
+        raise ConfigError(f"{path} is set twice with different values: {target[key]!r} and {value!r} "
+                          f"(once through a DeepSpeed key); keep one")
+    target[key] = value
+
+
+def map_deepspeed_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate top-level DeepSpeed keys into our sections; leaves our own sections as they are."""
+    out = {k: copy.deepcopy(v) for k, v in raw.items() if k not in _DS_KEYS}
+    ds = {k: v for k, v in raw.items() if k in _DS_KEYS}
+    if "train_micro_batch_size_per_gpu" in ds:
+        _set(out, "train.micro_batch_size", ds["train_micro_batch_size_per_gpu"])
+    if "train_batch_size" in ds:
+        _set(out, "train.global_batch_size", ds["train_batch_size"])
+    if "gradient_accumulation_steps" in ds:
+        _set(out, "train.gradient_accumulation_steps", ds["gradient_accumulation_steps"])
+    if "steps_per_print" in ds:
+        _set(out, "train.log_interval", ds["steps_per_print"])
+    if "seed" in ds:
+        _set(out, "train.seed", ds["seed"])
+    if "gradient_clipping" in ds:
+        _set(out, "optim.clip_grad", ds["gradient_clipping"])
+    if "optimizer" in ds:
+        opt = ds["optimizer"] or {}
+        kind = str(opt.get("type", "AdamW")).lower()
+        if kind not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer.type={opt.get('type')!r} is not supported; use Adam or AdamW")
+        params = dict(opt.get("params") or {})
+        names = {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps"}
+        for key, value in params.items():
+            if key == "betas":
+                _set(out, "optim.adam_beta1", float(value[0]))
+                _set(out, "optim.adam_beta2", float(value[1]))
+            elif key in names:
+                _set(out, f"optim.{names[key]}", value)
+            elif key not in ("torch_adam", "adam_w_mode"):
+                raise ConfigError(f"optimizer.params.{key} is not supported (known: lr, betas, eps, weight_decay)")
+    if "scheduler" in ds:
+        sched = ds["scheduler"] or {}
+        kind = sched.get("type")
+        if kind not in ("WarmupCosineLR", "WarmupDecayLR", "WarmupLR"):
+            raise ConfigError(f"scheduler.type={kind!r} is not supported; use WarmupCosineLR, WarmupDecayLR or WarmupLR")
+        params = dict(sched.get("params") or {})
+        _set(out, "optim.lr_decay_style", {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear",
+                                           "WarmupLR": "constant"}[kind])
+        mapping = {"warmup_num_steps": "optim.lr_warmup_steps", "total_num_steps": "optim.lr_decay_steps",
+                   "warmup_max_lr": "optim.lr"}
+        for key, value in params.items():
+            if key in mapping:
+                _set(out, mapping[key], value)
+            elif key == "cos_min_ratio" or key == "warmup_min_ratio" or key == "warmup_min_lr" or key == "warmup_type":
+                if key == "cos_min_ratio":
+                    _set(out, "optim.min_lr_ratio", value)
+            else:
+                raise ConfigError(f"scheduler.params.{key} is not supported "
+                                  f"(known: {', '.join(sorted(mapping))}, cos_min_ratio)")
+    if "bf16" in ds:
+        _set(out, "model.bf16", bool((ds["bf16"] or {}).get("enabled", False)))
+    if "fp16" in ds and (ds["fp16"] or {}).get("enabled", False):
+        raise ConfigError("fp16.enabled=true is not supported: use bf16 (megatron-core's fp16 loss scaling is not wired)")
+    if "zero_optimization" in ds:
+        stage = int((ds["zero_optimization"] or {}).get("stage", 0))
+        if stage == 1:
+            _set(out, "parallel.use_distributed_optimizer", True)
+        elif stage > 1:
+            raise ConfigError(f"zero_optimization.stage={stage} is not supported: this trainer shards optimiser "
+                              "state with megatron's distributed optimizer (ZeRO-1, stage 1); use stage 0 or 1")
+    if "wandb" in ds:
+        for key, value in (ds["wandb"] or {}).items():
+            _set(out, f"wandb.{ 'entity' if key == 'team' else key}", value)
+    return out
+
+
+# ----- files and overrides ------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], parsed value). Values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.steps=10)")
+    path, value = text.split("=", 1)
+    parts = [p for p in path.strip().split(".")]
+    if len(parts) < 2 or any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: the key must be dotted, section.key (e.g. adapt.enabled=true)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
+    return parts, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict; unknown sections/keys fail naming the override."""
+    out = copy.deepcopy(raw)
+    classes = _section_classes()
+    for text in overrides:
+        parts, value = parse_override(text)
+        section = parts[0]
+        if section not in classes:
+            raise ConfigError(f"override {text!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}")
+        known = {f.name for f in dataclasses.fields(classes[section])}
+        if parts[1] not in known:
+            raise ConfigError(f"override {text!r}: unknown key {section}.{parts[1]}; known: {', '.join(sorted(known))}")
+        node = out.setdefault(section, {})
+        for key in parts[1:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Parse YAML or JSON (by extension; YAML otherwise) into a dict with DeepSpeed keys mapped."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return map_deepspeed_keys(raw)
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """File (optional) + overrides -> validated RunConfig."""
+    raw = read_config_file(path) if path else {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return RunConfig.from_dict(raw, source=path or "<overrides>")
+
+
+__all__ = ["RunConfig", "TrainConfig", "ConfigError", "SECTIONS", "load_run_config", "read_config_file",
+           "apply_overrides", "parse_override", "map_deepspeed_keys"]
