@@ -1,0 +1,272 @@
+"""`adapt-pretrain report RUN_DIR [RUN_DIR ...] [--out DIR]`: PNG plots + a static HTML page.
+
+Why: runs without W&B (or before `wandb sync`) still need to show the curriculum, and method
+comparisons need several runs on the same axes. Reads only `metrics.jsonl` (monitor.py), so it
+works on a laptop with matplotlib alone.
+
+Plots (several runs: one panel per run for per-run views, one line per run for shared views):
+- curriculum.png: per-domain mean weight over steps;
+- weight_heatmap.png: weight distribution over steps (columns = logged histograms, each column
+  normalised to a density, re-binned onto one grid when bin edges differ between steps/runs);
+- loss.png: per-domain loss and the overall (unweighted, weighted) loss;
+- effective.png: effective data ratio and ESS / groups.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from adapt_pretrain.monitor.monitor import read_metrics
+
+PLOTS = ("curriculum", "weight_heatmap", "loss", "effective")
+
+
+@dataclass
+class RunSeries:
+    """One run's metrics as arrays: step -> scalars, histograms and events."""
+
+    name: str
+    path: str
+    steps: dict[int, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(s, line["scalars"][key]) for s, line in self.steps.items() if key in line.get("scalars", {})]
+        if not pts:
+            return np.zeros(0), np.zeros(0)
+        x, y = zip(*pts)
+        return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+    def domains(self) -> list[str]:
+        found: dict[str, None] = {}
+        for line in self.steps.values():
+            for key in line.get("scalars", {}):
+                if key.startswith("domain/") and key.count("/") >= 2:
+                    found.setdefault(key.split("/", 1)[1].rsplit("/", 1)[0], None)
+        return list(found)
+
+    def histograms(self, key: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        out = []
+        for s, line in self.steps.items():
+            h = line.get("histograms", {}).get(key)
+            if h:
+                out.append((s, np.asarray(h["counts"], float), np.asarray(h["bins"], float)))
+        return out
+
+
+def load_runs(run_dirs: Sequence[str]) -> list[RunSeries]:
+    """Load every run; names are directory basenames, made unique with their parent when they clash."""
+    runs = []
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    for d, name in zip(run_dirs, names):
+        if names.count(name) > 1:
+            name = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(d))), name)
+        steps, events = read_metrics(d)
+        runs.append(RunSeries(name, d, steps, events))
+    return runs
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, width: float = 6.0, height: float = 3.6):
+    plt = _plt()
+    fig, axes = plt.subplots(n, 1, figsize=(width, height * n), squeeze=False)
+    return plt, fig, [a[0] for a in axes]
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, f"{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+
+
+def _mark_events(ax: Any, run: RunSeries) -> None:
+    for ev in run.events:
+        if ev.get("event") == "anchor_refresh" and ev.get("step") is not None:
+            ax.axvline(ev["step"], color="0.8", lw=0.6, zorder=0)
+
+
+def plot_curriculum(runs: list[RunSeries], out_dir: str) -> str:
+    plt, fig, axes = _grid(len(runs))
+    for ax, run in zip(axes, runs):
+        _mark_events(ax, run)
+        any_line = False
+        for dom in run.domains():
+            x, y = run.series(f"domain/{dom}/mean_weight")
+            if x.size:
+                ax.plot(x, y, label=dom, lw=1.4)
+                any_line = True
+        x, y = run.series("adapt/weight_mean")
+        if x.size:
+            ax.plot(x, y, "k--", lw=1, label="all groups")
+            any_line = True
+        if not any_line:
+            _empty(ax, "no per-domain weights logged")
+        else:
+            ax.legend(fontsize=7, ncol=2)
+        ax.set(title=f"{run.name}: per-domain mean weight (token-weighted)", xlabel="step", ylabel="mean weight")
+        ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "curriculum")
+
+
+def _rebin(counts: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Counts on `edges` -> counts on `grid` via the piecewise-linear CDF (mass preserved in range)."""
+    cdf = np.concatenate([[0.0], np.cumsum(counts)])
+    return np.diff(np.interp(grid, edges, cdf))
+
+
+def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40) -> str:
+    plt, fig, axes = _grid(len(runs))
+    for ax, run in zip(axes, runs):
+        hists = run.histograms("hist/weights")
+        if not hists:
+            _empty(ax, "no weight histograms logged")
+            ax.set(title=f"{run.name}: weight distribution")
+            continue
+        first = hists[0][2]
+        if all(len(e) == len(first) and np.allclose(e, first) for (_, _, e) in hists):
+            grid, cols = first, [c for (_, c, _) in hists]
+        else:  # bin edges changed during the run: put every step on one grid
+            grid = np.linspace(min(e[0] for (_, _, e) in hists), max(e[-1] for (_, _, e) in hists), num_rows + 1)
+            cols = [_rebin(c, e, grid) for (_, c, e) in hists]
+        cols = [c / c.sum() if c.sum() > 0 else c for c in cols]
+        mat = np.stack(cols, axis=1)
+        steps = np.asarray([s for (s, _, _) in hists], float)
+        if steps.size > 1:
+            half = np.diff(steps) / 2
+            x_edges = np.concatenate([[steps[0] - half[0]], steps[:-1] + half, [steps[-1] + half[-1]]])
+        else:
+            x_edges = np.asarray([steps[0] - 0.5, steps[0] + 0.5])
+        mesh = ax.pcolormesh(x_edges, grid, mat, cmap="viridis", shading="flat")
+        fig.colorbar(mesh, ax=ax, label="fraction of groups")
+        x, y = run.series("adapt/weight_p50")
+        if x.size:
+            ax.plot(x, y, color="w", lw=0.8, label="median")
+            ax.legend(fontsize=7, loc="upper left")
+        ax.set(title=f"{run.name}: weight distribution over steps", xlabel="step", ylabel="weight")
+    return _save(fig, out_dir, "weight_heatmap")
+
+
+def plot_loss(runs: list[RunSeries], out_dir: str) -> str:
+    plt, fig, axes = _grid(len(runs) + 1)
+    for ax, run in zip(axes, runs):
+        drew = False
+        for dom in run.domains():
+            x, y = run.series(f"domain/{dom}/loss")
+            if x.size:
+                ax.plot(x, y, label=dom, lw=1.2)
+                drew = True
+        if drew:
+            ax.legend(fontsize=7, ncol=2)
+        else:
+            _empty(ax, "no per-domain loss logged")
+        ax.set(title=f"{run.name}: per-domain training loss (unweighted CE per token)", xlabel="step", ylabel="loss")
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    drew = False
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        for key, style in (("loss/mean", "-"), ("loss/weighted", ":")):
+            x, y = run.series(key)
+            if x.size:
+                ax.plot(x, y, style, color=color, label=f"{run.name} {key}")
+                drew = True
+    if drew:
+        ax.legend(fontsize=7)
+    else:
+        _empty(ax, "no loss logged")
+    ax.set(title="overall loss (solid: unweighted, dotted: weighted)", xlabel="step", ylabel="loss")
+    ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "loss")
+
+
+def plot_effective(runs: list[RunSeries], out_dir: str) -> str:
+    plt, fig, axes = _grid(2)
+    for ax, key, label in ((axes[0], "adapt/effective_data_ratio", "effective data ratio (sum w*tokens / tokens)"),
+                           (axes[1], "adapt/ess_frac", "effective sample size / groups")):
+        drew = False
+        for i, run in enumerate(runs):
+            x, y = run.series(key)
+            if x.size:
+                ax.plot(x, y, color=f"C{i}", label=run.name)
+                drew = True
+        if drew:
+            ax.legend(fontsize=7)
+        else:
+            _empty(ax, f"{key} not logged")
+        ax.set(title=label, xlabel="step")
+        ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "effective")
+
+
+def _final_table(runs: list[RunSeries]) -> str:
+    keys = ("loss/mean", "loss/weighted", "adapt/weight_mean", "adapt/weight_std",
+            "adapt/effective_data_ratio", "adapt/ess_frac")
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    rows = []
+    for run in runs:
+        last = run.steps[max(run.steps)]["scalars"] if run.steps else {}
+        cells = "".join(f"<td>{last[k]:.4g}</td>" if k in last else "<td>-</td>" for k in keys)
+        step = max(run.steps) if run.steps else "-"
+        rows.append(f"<tr><td>{html.escape(run.name)}</td><td>{step}</td>{cells}</tr>")
+    return f"<table><tr><th>run</th><th>last step</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def write_html(runs: list[RunSeries], out_dir: str, images: list[str]) -> str:
+    figures = "\n".join(
+        f'<figure><img src="{html.escape(os.path.basename(p))}"><figcaption>{html.escape(os.path.basename(p))}'
+        f"</figcaption></figure>" for p in images)
+    sources = "".join(f"<li>{html.escape(r.name)}: {html.escape(os.path.abspath(r.path))}</li>" for r in runs)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>adapt-pretrain report</title>
+<style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}img{{max-width:100%}}</style></head><body>
+<h1>adapt-pretrain report</h1><ul>{sources}</ul><h2>Final values</h2>{_final_table(runs)}
+<h2>Plots</h2>{figures}</body></html>
+"""
+    path = os.path.join(out_dir, "index.html")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(page)
+    return path
+
+
+def render(run_dirs: Sequence[str], out_dir: str) -> list[str]:
+    """Render every plot and index.html into out_dir; return the written paths."""
+    runs = load_runs(run_dirs)
+    os.makedirs(out_dir, exist_ok=True)
+    images = [plot_curriculum(runs, out_dir), plot_weight_heatmap(runs, out_dir),
+              plot_loss(runs, out_dir), plot_effective(runs, out_dir)]
+    return images + [write_html(runs, out_dir, images)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adapt-pretrain report",
+                                     description="Render PNG plots and an HTML page from run directories' metrics.jsonl.")
+    parser.add_argument("run_dirs", nargs="+", help="run directories (each holding metrics.jsonl)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: RUN_DIR/report for one run, ./report for several)")
+    args = parser.parse_args(argv)
+    for d in args.run_dirs:
+        if not os.path.exists(os.path.join(d, "metrics.jsonl")):
+            parser.error(f"{d}: no metrics.jsonl")
+    out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "report")
+    paths = render(args.run_dirs, out)
+    print(f"wrote {len(paths)} files to {out}: " + ", ".join(os.path.basename(p) for p in paths))
+    return 0
