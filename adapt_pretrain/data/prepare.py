@@ -1,0 +1,349 @@
+"""`adapt-pretrain prepare`: raw corpora -> tokenizer, WebDataset shards, anchors, manifest.
+
+Flow: (1) train a byte-level BPE on the training split (or load tokenizer.json); (2) read documents
+(interleaved across inputs), tokenise chunks in a process pool, write train/val shards in order
+(deterministic for any worker count), keep anchor candidates; (3) optionally score every document
+with BM25 against the anchors and rewrite the shards with the z-scored score; (4) checksums and
+manifest. Python API: `prepare(PrepareConfig(...)) -> manifest path`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from adapt_pretrain.config import ConfigError
+from adapt_pretrain.data.bm25 import BM25Scorer
+from adapt_pretrain.data.config import DataError, PrepareConfig
+from adapt_pretrain.data.manifest import FORMAT, Manifest, split_summary, write_manifest
+from adapt_pretrain.data.readers import RawDoc, iter_documents
+from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, sha256_file, token_dtype
+from adapt_pretrain.data.skips import SkipCounter
+from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
+
+log = logging.getLogger("adapt_pretrain.data")
+OUR_FILES = ("manifest.json", "tokenizer.json", "anchors.tar", "train", "val")
+
+
+class SplitAssigner:
+    """Exactly `val_fraction` of each domain's documents (evenly spaced, in reading order) go to val."""
+
+    def __init__(self, val_fraction: float) -> None:
+        self.f = float(val_fraction)
+        self.seen: dict[str, int] = {}
+
+    def is_val(self, domain: str) -> bool:
+        i = self.seen.get(domain, 0)
+        self.seen[domain] = i + 1
+        return int((i + 1) * self.f) > int(i * self.f)
+
+
+# ---- tokenising worker processes -------------------------------------------------------------
+_TOK: Any = None
+
+
+def _init_worker(tok_path: str) -> None:
+    global _TOK
+    from tokenizers import Tokenizer
+    _TOK = Tokenizer.from_file(tok_path)
+
+
+def _encode_chunk(args: tuple[list[str], str]) -> list[np.ndarray]:
+    texts, dtype = args
+    encs = _TOK.encode_batch(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=dtype) for e in encs]
+
+
+def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
+    buf: list[RawDoc] = []
+    for d in docs:
+        buf.append(d)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+# ---- shard writing ---------------------------------------------------------------------------
+class SplitWriter:
+    """Rolls shards of one split at `shard_tokens` tokens; names are `split/split-000000.tar`."""
+
+    def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        self.current: Optional[ShardFile] = None
+        self.done: list[ShardFile] = []
+
+    def write(self, doc_id: int, tokens: np.ndarray, record: dict) -> None:
+        if self.current is None:
+            name = f"{self.split}/{self.split}-{len(self.done):06d}.tar"
+            self.current = ShardFile(os.path.join(self.out_dir, name), self.dtype)
+            self.current.name = name  # type: ignore[attr-defined]
+        self.current.write(doc_id, tokens, record)
+        if self.current.tokens >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.done.append(self.current)
+            self.current = None
+
+
+def _shard_entry(out_dir: str, sf: ShardFile) -> dict[str, Any]:
+    path = os.path.join(out_dir, sf.name)  # type: ignore[attr-defined]
+    return {"name": sf.name, "sha256": sha256_file(path), "bytes": os.path.getsize(path),  # type: ignore[attr-defined]
+            "docs": sf.docs, "tokens": sf.tokens,
+            "docs_per_domain": dict(sorted(sf.docs_per_domain.items())),
+            "tokens_per_domain": dict(sorted(sf.tokens_per_domain.items()))}
+
+
+# ---- BM25 pass --------------------------------------------------------------------------------
+def _bm25_scores(args: tuple) -> list[float]:
+    path, dtype, vocab, domains, scorer = args
+    docs = read_shard(path, path, SkipCounter(strict=True), dtype, vocab, domains)
+    return [scorer.score(d.tokens) for d in docs]
+
+
+def _bm25_rewrite(args: tuple) -> None:
+    """Rewrite one shard with `bm25` (z-scored) added to every JSON record."""
+    import json
+    path, dtype, vocab, domains, scorer, mean, std = args
+    with open(path, "rb") as f:
+        data = f.read()
+    samples = list(iter_raw_samples(data, path, SkipCounter(strict=True)))
+    sf = ShardFile(path + ".tmp", dtype)
+    for s in samples:
+        rec = json.loads(s["json"])
+        toks = np.frombuffer(s["tokens"], dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64)
+        rec["bm25"] = (scorer.score(toks) - mean) / std
+        sf.write(rec.pop("doc_id"), toks, rec)
+    sf.close()
+    os.replace(path + ".tmp", path)
+
+
+# ---- main entry ---------------------------------------------------------------------------------
+def _prepare_out_dir(cfg: PrepareConfig) -> None:
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        ours = [n for n in os.listdir(cfg.out_dir) if n in OUR_FILES]
+        if not cfg.overwrite:
+            raise DataError(f"output directory {cfg.out_dir!r} is not empty; pass overwrite=True / --overwrite")
+        for n in ours:
+            p = os.path.join(cfg.out_dir, n)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+
+def _get_tokenizer(cfg: PrepareConfig) -> Any:
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    assigner = SplitAssigner(cfg.val_fraction)
+
+    def train_texts() -> Iterator[str]:
+        for doc in iter_documents(cfg.inputs, SkipCounter(strict=cfg.strict)):
+            if not assigner.is_val(doc.domain):
+                yield doc.text
+
+    texts: Iterator[str] = train_texts()
+    if cfg.tokenizer_max_docs:
+        texts = (t for i, t in zip(range(cfg.tokenizer_max_docs), texts))
+    log.info("training byte-level BPE (vocab %d)", cfg.vocab_size)
+    return train_bpe(texts, cfg.vocab_size, cfg.eos_token)
+
+
+def prepare(cfg: PrepareConfig) -> str:
+    """Run the whole preparation; returns the path of the written manifest.json."""
+    t0 = time.time()
+    _prepare_out_dir(cfg)
+    tok = _get_tokenizer(cfg)
+    tok_path = os.path.join(cfg.out_dir, "tokenizer.json")
+    tok.save(tok_path)
+    vocab = tok.get_vocab_size()
+    eos = eos_id(tok, cfg.eos_token)
+    dtype = token_dtype(vocab)
+
+    skips = SkipCounter(strict=cfg.strict)
+    assigner = SplitAssigner(cfg.val_fraction)
+    writers = {s: SplitWriter(cfg.out_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
+    anchor_pool: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
+    targets = set(cfg.anchor_domains) if cfg.anchor_domains else None
+    df = np.zeros(vocab, dtype=np.int64) if cfg.bm25 else None
+    num_docs = total_tokens = 0
+
+    chunks = _chunks(iter_documents(cfg.inputs, skips), cfg.chunk_docs)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+    pool = None
+    if cfg.num_workers > 1:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(cfg.num_workers, initializer=_init_worker, initargs=(tok_path,))
+    else:
+        _init_worker(tok_path)
+    # keep the chunk (texts) next to its encoding: imap preserves order
+    pending: list[list[RawDoc]] = []
+
+    def feed() -> Iterator[tuple[list[str], str]]:
+        for ch in chunks:
+            pending.append(ch)
+            yield [d.text for d in ch], dtype
+
+    results = pool.imap(_encode_chunk, feed(), chunksize=1) if pool else map(_encode_chunk, feed())
+    bar = tqdm(desc="prepare: tokenising", unit="doc", disable=not cfg.progress, file=sys.stderr)
+    try:
+        for encoded in results:
+            chunk = pending.pop(0)
+            for raw, toks in zip(chunk, encoded):
+                split = "val" if assigner.is_val(raw.domain) else "train"
+                rec = {"domain": raw.domain, "source": raw.source}
+                doc_id = num_docs
+                writers[split].write(doc_id, toks, rec)
+                num_docs += 1
+                total_tokens += int(toks.size)
+                if df is not None:
+                    df[np.unique(toks)] += 1
+                if split == "val" and (targets is None or raw.domain in targets):
+                    lst = anchor_pool.setdefault(raw.domain, [])
+                    if len(lst) < cfg.num_anchors:
+                        lst.append((doc_id, toks, rec))
+            bar.update(len(chunk))
+            bar.set_postfix(tokens=total_tokens)
+    finally:
+        bar.close()
+        if pool:
+            pool.close()
+            pool.join()
+    for w in writers.values():
+        w.close()
+    if num_docs == 0:
+        raise DataError(f"no usable documents in {cfg.inputs}; skipped: {skips.as_dict()}")
+
+    # anchors: round-robin over target domains (sorted) so each target is represented
+    domains = sorted({d for w in writers.values() for sf in w.done for d in sf.docs_per_domain})
+    if targets is not None and not targets <= set(domains):
+        raise DataError(f"anchor_domains {sorted(targets - set(domains))} not found; domains are {domains}")
+    anchors: list[tuple[int, np.ndarray, dict]] = []
+    queues = {d: list(anchor_pool.get(d, [])) for d in sorted(targets or domains)}
+    while len(anchors) < cfg.num_anchors and any(queues.values()):
+        for d in sorted(queues):
+            if queues[d] and len(anchors) < cfg.num_anchors:
+                anchors.append(queues[d].pop(0))
+    if len(anchors) < cfg.num_anchors:
+        log.warning("only %d validation documents available as anchors (asked for %d)", len(anchors), cfg.num_anchors)
+    anchor_file = None
+    if anchors:
+        anchor_file = ShardFile(os.path.join(cfg.out_dir, "anchors.tar"), dtype)
+        anchor_file.name = "anchors.tar"  # type: ignore[attr-defined]
+        for doc_id, toks, rec in anchors:
+            anchor_file.write(doc_id, toks, rec)
+        anchor_file.close()
+
+    all_files = [sf for w in writers.values() for sf in w.done] + ([anchor_file] if anchor_file else [])
+    bm25_info: dict[str, Any] = {"enabled": False}
+    if cfg.bm25:
+        bm25_info = _bm25_pass(cfg, all_files, df, num_docs, total_tokens, [a[1] for a in anchors], dtype, vocab, domains)
+
+    raw = {
+        "format": FORMAT,
+        "tokenizer": {"file": "tokenizer.json", "sha256": tokenizer_hash(tok), "vocab_size": vocab,
+                      "eos_id": eos, "eos_token": cfg.eos_token, "trained": cfg.tokenizer is None},
+        "token_dtype": dtype,
+        "domains": domains,
+        "splits": {s: split_summary([_shard_entry(cfg.out_dir, sf) for sf in w.done]) for s, w in writers.items()},
+        "anchors": None if anchor_file is None else dict(
+            _shard_entry(cfg.out_dir, anchor_file), doc_ids=[a[0] for a in anchors],
+            target_domains=sorted(targets or domains)),
+        "bm25": bm25_info,
+        "skipped": skips.as_dict(),
+        "prepare": {"inputs": cfg.inputs, "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
+                    "vocab_size": cfg.vocab_size, "seed": cfg.seed, "seconds": round(time.time() - t0, 2)},
+    }
+    path = write_manifest(cfg.out_dir, raw)
+    n_skip = sum(skips.as_dict().values())
+    log.info("prepared %d docs, %d tokens in %.1fs; %d skipped %s", num_docs, total_tokens, time.time() - t0, n_skip,
+             {k: v for k, v in skips.as_dict().items() if v})
+    return path
+
+
+def _bm25_pass(cfg: PrepareConfig, files: list[ShardFile], df: np.ndarray, num_docs: int, total_tokens: int,
+               anchors: list[np.ndarray], dtype: str, vocab: int, domains: list[str]) -> dict[str, Any]:
+    scorer = BM25Scorer.build(df, num_docs, total_tokens, anchors, cfg.bm25_k1, cfg.bm25_b)
+    dom = {d: i for i, d in enumerate(domains)}
+    paths = [os.path.join(cfg.out_dir, sf.name) for sf in files]  # type: ignore[attr-defined]
+    n_data = len(paths) - (1 if paths and paths[-1].endswith("anchors.tar") else 0)
+    args = [(p, dtype, vocab, dom, scorer) for p in paths]
+    runner = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(cfg.num_workers) \
+        if cfg.num_workers > 1 else None
+    try:
+        mapper = runner.map if runner else lambda f, a: list(map(f, a))
+        scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in mapper(_bm25_scores, args[:n_data])] or [np.zeros(0)])
+        mean, std = float(scores.mean()), float(scores.std()) or 1.0
+        list(mapper(_bm25_rewrite, [a + (mean, std) for a in args]))
+    finally:
+        if runner:
+            runner.close()
+            runner.join()
+    for sf in files:  # counts unchanged; checksums are taken afterwards by _shard_entry
+        pass
+    return {"enabled": True, "k1": cfg.bm25_k1, "b": cfg.bm25_b, "raw_mean": mean, "raw_std": std,
+            "num_anchors": len(anchors), "zscored_over": "all train+val documents"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapt-pretrain prepare", description=__doc__.split("\n")[0])
+    p.add_argument("--input", "-i", nargs="+", default=[], help="JSONL/JSONL.gz files, folders of them, or plain-text folders")
+    p.add_argument("--demo", action="store_true", help="use the bundled demo corpus as input")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.add_argument("--tokenizer", help="existing tokenizer.json (default: train a byte-level BPE)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--eos-token", default="<|endoftext|>")
+    p.add_argument("--tokenizer-max-docs", type=int, default=None, help="train the tokenizer on at most this many docs")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--anchor-domains", default=None, help="comma-separated target domains (default: all)")
+    p.add_argument("--num-anchors", type=int, default=50)
+    p.add_argument("--shard-tokens", type=int, default=1 << 18)
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--bm25", action="store_true", help="store a z-scored BM25-to-anchors score per document")
+    p.add_argument("--strict", action="store_true", help="raise on the first bad input instead of skip+count")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verify", action="store_true", help="recount docs/tokens from the shards and compare")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    inputs = list(args.input)
+    if args.demo:
+        from adapt_pretrain.data.demo import demo_corpus_paths
+        inputs += demo_corpus_paths()
+    try:
+        cfg = PrepareConfig(inputs=inputs, out_dir=args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                            eos_token=args.eos_token, tokenizer_max_docs=args.tokenizer_max_docs,
+                            val_fraction=args.val_fraction, anchor_domains=args.anchor_domains,
+                            num_anchors=args.num_anchors, shard_tokens=args.shard_tokens, num_workers=args.workers,
+                            bm25=args.bm25, strict=args.strict, overwrite=args.overwrite,
+                            progress=not args.no_progress)
+        t0 = time.time()
+        path = prepare(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"adapt-pretrain prepare: {exc}", file=sys.stderr)
+        return 2
+    man = Manifest.load(cfg.out_dir)
+    for split, v in man.raw["splits"].items():
+        print(f"{split}: {len(v['shards'])} shards, {v['docs']} docs, {v['tokens']} tokens")
+    print(f"manifest: {path} ({time.time() - t0:.1f}s)")
+    if args.verify:
+        from adapt_pretrain.data.manifest import check_counts
+        problems = check_counts(cfg.out_dir)
+        print("recount: OK, manifest counts match the shards" if not problems else "recount MISMATCH:\n" + "\n".join(problems))
+        return 1 if problems else 0
+    return 0
