@@ -99,15 +99,64 @@ class TrainConfig:
 
 def _section_classes() -> dict[str, type]:
     """Section name -> dataclass. Imported here so each part keeps owning its own config class."""
-    from adapt_pretrain.data.config import DataConfig
+    from adapt_pretrain.data.config import DataConfig, PrepareConfig
     from adapt_pretrain.megatron.config import ModelConfig, OptimConfig, ParallelConfig
     from adapt_pretrain.monitor import WandbConfig
 
     return {"adapt": AdaptConfig, "model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig,
-            "data": DataConfig, "train": TrainConfig, "wandb": WandbConfig}
+            "data": DataConfig, "train": TrainConfig, "wandb": WandbConfig, "prepare": PrepareConfig}
 
 
-SECTIONS = ("adapt", "model", "parallel", "optim", "data", "train", "wandb")
+SECTIONS = ("adapt", "model", "parallel", "optim", "data", "train", "wandb", "prepare")
+DEMO_INPUTS = "demo"  # `prepare.inputs: demo` means the corpus bundled with the package
+# Set by the trainer from the layout at run time; a user value would be silently wrong.
+_RUNTIME_ONLY = {"data": ("dp_rank", "dp_size"), "parallel": ("data",)}
+
+
+def _derive(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Fill values one section owns from another, so a user states each fact once.
+
+    data.seq_len = model.seq_len, data.micro_batch_size = train.micro_batch_size, data.seed =
+    train.seed, optim.total_steps = train.steps (unless given), and the prepare/data directories
+    from each other (default: <run_dir>/data). Conflicting explicit values are an error.
+    """
+    out = {k: copy.deepcopy(dict(v)) if isinstance(v, Mapping) else v for k, v in raw.items()}
+    for name in SECTIONS:
+        if out.get(name) is None and name != "prepare":
+            out[name] = {}
+        elif name in out and not isinstance(out[name], dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(out[name]).__name__}")
+    for section, keys in _RUNTIME_ONLY.items():
+        for key in keys:
+            if out[section].get(key) is not None:
+                raise ConfigError(f"{section}.{key} is derived from the launcher's world size and the layout; remove it")
+    defaults = TrainConfig.__dataclass_fields__
+    train = out["train"]
+
+    def tie(section: str, key: str, value: Any, origin: str) -> None:
+        if value is None:
+            return
+        if section in out and key in out[section] and out[section][key] != value:
+            raise ConfigError(f"{section}.{key}={out[section][key]!r} contradicts {origin}={value!r}; set only {origin}")
+        out[section][key] = value
+
+    tie("data", "seq_len", out["model"].get("seq_len"), "model.seq_len")
+    tie("data", "micro_batch_size", train.get("micro_batch_size", defaults["micro_batch_size"].default),
+        "train.micro_batch_size")
+    out["data"].setdefault("seed", train.get("seed", defaults["seed"].default))
+    out["optim"].setdefault("total_steps", train.get("steps", defaults["steps"].default))
+    if out.get("prepare") is not None:
+        prep = out["prepare"]
+        if prep.get("inputs") == DEMO_INPUTS:
+            from adapt_pretrain.data.demo import demo_corpus_paths
+
+            prep["inputs"] = demo_corpus_paths()
+        data_dir = out["data"].get("data_dir") or prep.get("out_dir") or os.path.join(
+            train.get("run_dir", defaults["run_dir"].default), "data")
+        tie("prepare", "out_dir", data_dir, "data.data_dir")
+        out["data"]["data_dir"] = data_dir
+        prep.setdefault("progress", False)
+    return out
 
 
 @dataclass
@@ -121,7 +170,9 @@ class RunConfig:
     data: Any
     train: TrainConfig
     wandb: Any
+    prepare: Any = None  # PrepareConfig when the data is prepared on first use (e.g. the demo corpus)
     source: str = ""  # the file it came from (for messages only)
+    data_pending: dict[str, Any] | None = None  # data section waiting for `prepare` to create its dir
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "RunConfig":
@@ -130,30 +181,53 @@ class RunConfig:
         unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        raw = _derive(raw, source)
         classes = _section_classes()
-        built = {}
+        built: dict[str, Any] = {}
+        pending = None
         for name in SECTIONS:
+            values = raw.get(name)
+            if name == "prepare" and values is None:
+                built[name] = None
+                continue
             try:
-                built[name] = dataclass_from_dict(classes[name], raw.get(name) or {}, section=name)
-            except ConfigError:
+                built[name] = dataclass_from_dict(classes[name], values, section=name)
+            except ConfigError as exc:
+                # The data dir is created by `prepare` on first use: check the rest, build it later.
+                if name == "data" and raw.get("prepare") is not None and "manifest.json" in str(exc):
+                    built[name], pending = None, dict(values)
+                    continue
                 raise
-            except TypeError as exc:  # a dataclass without its own validation, e.g. a missing field
+            except TypeError as exc:  # e.g. a required field without a value
                 raise ConfigError(f"{source}: section {name!r}: {exc}") from None
-        return cls(**built, source=source)
+        cfg = cls(**built, source=source, data_pending=pending)
+        cfg.model.check_layout(cfg.parallel)
+        return cfg
+
+    def data_config(self) -> Any:
+        """The DataConfig; builds it now if it was waiting for `prepare` to create the data dir."""
+        if self.data is None:
+            self.data = dataclass_from_dict(_section_classes()["data"], self.data_pending or {}, section="data")
+            self.data_pending = None
+        return self.data
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (for checkpoints, W&B and the config.json written into the run dir)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            value = getattr(self, name)
+            if name == "data" and value is None:
+                value = self.data_pending
+            out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        out["parallel"].pop("data", None)  # derived at run time
+        return out
 
     def layout(self, world_size: int) -> dict[str, int]:
         """The parallel layout for `world_size` processes; raises ConfigError if it does not divide."""
-        tp = int(getattr(self.parallel, "tensor_model_parallel_size", 1))
-        pp = int(getattr(self.parallel, "pipeline_model_parallel_size", 1))
-        vp = getattr(self.parallel, "virtual_pipeline_model_parallel_size", None)
+        tp, pp, vp = self.parallel.tensor, self.parallel.pipeline, self.parallel.virtual_pipeline
         if world_size % (tp * pp):
-            raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor_model_parallel_size * "
-                f"parallel.pipeline_model_parallel_size = {tp} * {pp}")
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline "
+                              f"= {tp} * {pp}")
         dp = world_size // (tp * pp)
         return {"world_size": world_size, "tp": tp, "pp": pp, "vp": int(vp or 1), "dp": dp,
                 "micro_batch_size": self.train.micro_batch_size, "num_microbatches": self.train.num_microbatches(dp)}
@@ -202,33 +276,29 @@ def map_deepspeed_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
         kind = str(opt.get("type", "AdamW")).lower()
         if kind not in ("adam", "adamw"):
             raise ConfigError(f"optimizer.type={opt.get('type')!r} is not supported; use Adam or AdamW")
-        params = dict(opt.get("params") or {})
-        names = {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps"}
-        for key, value in params.items():
-            if key == "betas":
-                _set(out, "optim.adam_beta1", float(value[0]))
-                _set(out, "optim.adam_beta2", float(value[1]))
-            elif key in names:
-                _set(out, f"optim.{names[key]}", value)
+        for key, value in dict(opt.get("params") or {}).items():
+            if key in ("lr", "weight_decay", "eps", "betas"):
+                _set(out, f"optim.{key}", list(value) if key == "betas" else value)
             elif key not in ("torch_adam", "adam_w_mode"):
                 raise ConfigError(f"optimizer.params.{key} is not supported (known: lr, betas, eps, weight_decay)")
     if "scheduler" in ds:
         sched = ds["scheduler"] or {}
         kind = sched.get("type")
-        if kind not in ("WarmupCosineLR", "WarmupDecayLR", "WarmupLR"):
-            raise ConfigError(f"scheduler.type={kind!r} is not supported; use WarmupCosineLR, WarmupDecayLR or WarmupLR")
-        params = dict(sched.get("params") or {})
-        _set(out, "optim.lr_decay_style", {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear",
-                                           "WarmupLR": "constant"}[kind])
-        mapping = {"warmup_num_steps": "optim.lr_warmup_steps", "total_num_steps": "optim.lr_decay_steps",
+        styles = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear", "WarmupLR": "constant"}
+        if kind not in styles:
+            raise ConfigError(f"scheduler.type={kind!r} is not supported; use one of {', '.join(styles)}")
+        _set(out, "optim.lr_decay_style", styles[kind])
+        mapping = {"warmup_num_steps": "optim.warmup_steps", "total_num_steps": "optim.total_steps",
                    "warmup_max_lr": "optim.lr"}
-        for key, value in params.items():
+        for key, value in dict(sched.get("params") or {}).items():
             if key in mapping:
                 _set(out, mapping[key], value)
-            elif key == "cos_min_ratio" or key == "warmup_min_ratio" or key == "warmup_min_lr" or key == "warmup_type":
-                if key == "cos_min_ratio":
-                    _set(out, "optim.min_lr_ratio", value)
-            else:
+            elif key == "cos_min_ratio":
+                lr = out.get("optim", {}).get("lr", (sched.get("params") or {}).get("warmup_max_lr"))
+                if lr is None:
+                    raise ConfigError("scheduler.params.cos_min_ratio needs the peak lr (optimizer.params.lr)")
+                _set(out, "optim.min_lr", float(lr) * float(value))
+            elif key not in ("warmup_min_lr", "warmup_min_ratio", "warmup_type"):
                 raise ConfigError(f"scheduler.params.{key} is not supported "
                                   f"(known: {', '.join(sorted(mapping))}, cos_min_ratio)")
     if "bf16" in ds:
@@ -237,11 +307,10 @@ def map_deepspeed_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("fp16.enabled=true is not supported: use bf16 (megatron-core's fp16 loss scaling is not wired)")
     if "zero_optimization" in ds:
         stage = int((ds["zero_optimization"] or {}).get("stage", 0))
-        if stage == 1:
-            _set(out, "parallel.use_distributed_optimizer", True)
-        elif stage > 1:
-            raise ConfigError(f"zero_optimization.stage={stage} is not supported: this trainer shards optimiser "
-                              "state with megatron's distributed optimizer (ZeRO-1, stage 1); use stage 0 or 1")
+        if stage > 1:
+            raise ConfigError(f"zero_optimization.stage={stage} is not supported: on GPUs the optimiser state is "
+                              "sharded by megatron's distributed optimizer (ZeRO-1 equivalent) automatically; "
+                              "use stage 0 or 1")
     if "wandb" in ds:
         for key, value in (ds["wandb"] or {}).items():
             _set(out, f"wandb.{ 'entity' if key == 'team' else key}", value)

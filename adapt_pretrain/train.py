@@ -1,0 +1,366 @@
+"""`adapt-pretrain train` / `python -m adapt_pretrain.train`: the run harness.
+
+Wires the parts together and owns the loop: launcher env -> process group -> megatron layout ->
+data (prepared on first use) -> model/optimiser -> AdaptEngine -> steps with anchor refresh,
+non-finite handling, metrics, checkpoints and resume. Every piece of maths lives elsewhere
+(core/, megatron/, data/, monitor/); this file only decides *when* things happen, so the same
+loop runs under the deepspeed launcher, torchrun, SLURM or as one plain process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, load_rank_state,
+                                       read_meta, rng_state, save_checkpoint, set_rng_state)
+from adapt_pretrain.config import ConfigError
+from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
+from adapt_pretrain.run_config import RunConfig, load_run_config
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient: training cannot recover by skipping."""
+
+
+@dataclass
+class LoopState:
+    """Counters of the loop that a resume must restore (beyond model/optimiser/data/ADAPT state)."""
+
+    step: int = 0               # next step to run (= steps completed)
+    consumed_samples: int = 0   # sequences consumed over all data-parallel ranks
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    tokens: int = 0             # loss-carrying tokens seen (global)
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run returns to the CLI and to tests."""
+
+    steps_run: int
+    final_step: int
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    anchor_refresh_times: list[float] = field(default_factory=list)
+    run_dir: str = ""
+
+
+# ----- command line ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adapt-pretrain train",
+        description="Pretrain a megatron-core GPT with optional ADAPT reweighting (adapt.enabled=true).",
+        epilog="Overrides: section.key=value, e.g. train.steps=20 adapt.enabled=false parallel.pipeline=2. "
+               "Launch with `deepspeed --num_gpus N --module adapt_pretrain.train --config FILE`, torchrun, "
+               "or as one process. See docs/TRAINING.md.")
+    p.add_argument("--config", "-c", help="YAML file, or DeepSpeed-style JSON with an \"adapt\" section")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from the newest checkpoint in <run_dir>/checkpoints (or from the given "
+                        "checkpoint directory); a fresh start if none exists")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p
+
+
+# ----- data ------------------------------------------------------------------------------------------
+
+def ensure_data(cfg: RunConfig, rank: int) -> Any:
+    """Prepare the corpus into data.data_dir on first use (rank 0; others wait); return the DataConfig.
+
+    Only when the config has a `prepare` section and the directory has no manifest yet, so a
+    real pretraining corpus is never silently re-tokenised.
+    """
+    from adapt_pretrain.data.prepare import prepare
+
+    if cfg.prepare is not None:
+        manifest = os.path.join(cfg.prepare.out_dir, "manifest.json")
+        if rank == 0 and not os.path.exists(manifest):
+            print(f"[adapt-pretrain] preparing {len(cfg.prepare.inputs)} input(s) into {cfg.prepare.out_dir} "
+                  "(first use)", flush=True)
+            t0 = time.perf_counter()
+            prepare(dataclasses.replace(cfg.prepare, overwrite=True))
+            print(f"[adapt-pretrain] data prepared in {time.perf_counter() - t0:.1f}s", flush=True)
+        _barrier()
+    return cfg.data_config()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----- trainer ---------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run on this rank. `run()` executes it; everything is built in `__init__`."""
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, resume: str | None = None) -> None:
+        from adapt_pretrain.core.engine import AdaptEngine
+        from adapt_pretrain.megatron import build_model, build_optimizer, setup_parallel, TrainStep
+
+        self.cfg, self.env = cfg, env
+        self.info = setup_parallel(cfg.parallel, cfg.train.seed)
+        self.layout = cfg.layout(self.info.world_size)
+        self.num_microbatches = self.layout["num_microbatches"]
+        self.run_dir = cfg.train.run_dir
+        self.ckpt_root = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
+        if self.info.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+        self.data_cfg = ensure_data(cfg, self.info.rank)
+        self._check_vocab()
+        self.loader = self._build_loader()
+        self.anchor_batches = self._anchor_batches()
+        self.chunks = build_model(cfg.model, cfg.parallel)
+        self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg.optim)
+        self.engine = AdaptEngine(cfg.adapt)
+        self.step_fn = TrainStep(self.chunks, self.optimizer, self.scheduler, self.engine, cfg.model, cfg.parallel,
+                                 self.num_microbatches)
+        self.state = LoopState()
+        self.resumed_from: str | None = None
+        if resume is not None:
+            self._resume(resume)
+        self.monitor = self._build_monitor()
+        self._data_iter: Iterator[dict] | None = None
+
+    # -- construction helpers ------------------------------------------------------------------------
+    def _check_vocab(self) -> None:
+        from adapt_pretrain.data.manifest import Manifest
+
+        manifest = Manifest.load(self.data_cfg.data_dir)
+        self.domains = list(manifest.domains)
+        if manifest.vocab_size > self.cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary ({manifest.vocab_size}) in {self.data_cfg.data_dir}")
+
+    def _build_loader(self) -> Any:
+        from adapt_pretrain.data import build_loader
+
+        data_cfg = dataclasses.replace(self.data_cfg, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
+        return build_loader(data_cfg)
+
+    def _anchor_batches(self) -> list[dict]:
+        if not self.engine_needs_anchors():
+            return []
+        from adapt_pretrain.data import anchor_micro_batches
+
+        return anchor_micro_batches(self.data_cfg, self.info.dp_rank, self.info.dp_size,
+                                    num_anchors=self.cfg.adapt.num_anchors)
+
+    def engine_needs_anchors(self) -> bool:
+        a = self.cfg.adapt
+        return a.enabled and a.policy == "adapt" and a.signal == "embed"
+
+    def _build_monitor(self) -> Any:
+        from adapt_pretrain.monitor import Monitor
+
+        # The logging rank holds the final results (last pipeline stage, TP rank 0, DP rank 0).
+        rank = 0 if self.info.is_logging_rank else 1
+        config = {**self.cfg.to_dict(), "layout": self.layout}
+        return Monitor(self.run_dir, config, self.cfg.wandb, rank=rank, stdout=False)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "layout": self.layout, "domains": self.domains}
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {"step_fn": self.step_fn.state_dict(), "engine": self.engine.state_dict(),
+                "data": self.loader.state_dict(), "rng": rng_state(), "loop": dataclasses.asdict(self.state)}
+
+    def save(self) -> str:
+        return save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
+                               _barrier, keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self, where: str) -> None:
+        path = find_checkpoint(self.ckpt_root if where == "auto" else where)
+        if path is None:
+            if where != "auto":
+                raise CheckpointError(f"--resume {where}: no checkpoint found there")
+            if self.info.rank == 0:
+                print(f"[adapt-pretrain] --resume: no checkpoint in {self.ckpt_root}; starting from step 0", flush=True)
+            return
+        meta = read_meta(path)
+        check_resume_compatible(meta, self.cfg.to_dict(), self.layout)
+        state = load_rank_state(path, self.info.rank)
+        self.step_fn.load_state_dict(state["step_fn"])
+        self.engine.load_state_dict(state["engine"])
+        self.loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.state = LoopState(**state["loop"])
+        self.resumed_from = path
+        if self.info.rank == 0:
+            print(f"[adapt-pretrain] resumed from {path} at step {self.state.step}", flush=True)
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def _next_micro_batches(self) -> list[dict]:
+        if self._data_iter is None:
+            self._data_iter = iter(self.loader)
+        return [next(self._data_iter) for _ in range(self.num_microbatches)]
+
+    def _refresh_anchors(self, step: int) -> float:
+        t0 = time.perf_counter()
+        info = self.step_fn.refresh_anchors(step, self.anchor_batches) or {}
+        elapsed = time.perf_counter() - t0
+        self.monitor.log_event(step, "anchor_refresh", seconds=elapsed, **info)
+        return elapsed
+
+    def run(self) -> RunResult:
+        cfg = self.cfg.train
+        end = min(cfg.steps, cfg.stop_at_step or cfg.steps)
+        result = RunResult(steps_run=0, final_step=self.state.step, run_dir=self.run_dir)
+        bar = self._progress_bar(self.state.step, end)
+        tokens_per_step = self.layout["dp"] * self.num_microbatches * cfg.micro_batch_size * self.cfg.model.seq_len
+        try:
+            while self.state.step < end:
+                step = self.state.step
+                refresh_s = 0.0
+                if self.engine.needs_anchor_refresh(step):
+                    refresh_s = self._refresh_anchors(step)
+                    result.anchor_refresh_times.append(refresh_s)
+                t0 = time.perf_counter()
+                micro = self._next_micro_batches()
+                out = self.step_fn(step, micro)
+                step_s = time.perf_counter() - t0
+                loss = float(out.loss)
+                self._handle_nonfinite(step, out, loss)
+                self.state.step += 1
+                self.state.consumed_samples += self.layout["dp"] * self.num_microbatches * cfg.micro_batch_size
+                self.state.tokens += int(out.num_tokens) if out.num_tokens is not None else 0
+                result.losses.append(loss)
+                result.step_times.append(step_s + refresh_s)
+                result.steps_run += 1
+                self._log_step(step, out, loss, step_s, refresh_s, tokens_per_step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(out.lr):.2e}", refresh=False)
+                    bar.update(1)
+                if cfg.checkpoint_interval and self.state.step % cfg.checkpoint_interval == 0:
+                    self.save()
+            if self.state.step > 0 and not (cfg.checkpoint_interval and self.state.step % cfg.checkpoint_interval == 0):
+                self.save()  # the final state, so the run can be evaluated or continued
+        finally:
+            if bar is not None:
+                bar.close()
+        result.final_step = self.state.step
+        return result
+
+    def _progress_bar(self, start: int, end: int) -> Any:
+        if not (self.cfg.train.progress_bar and self.info.is_logging_rank):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def _handle_nonfinite(self, step: int, out: Any, loss: float) -> None:
+        bad = bool(out.skipped) or not math.isfinite(loss)
+        if not bad:
+            self.state.nonfinite_in_row = 0
+            return
+        self.state.nonfinite_in_row += 1
+        self.state.skipped_steps += 1
+        self.monitor.log_event(step, "nonfinite_step_skipped", loss=loss, in_row=self.state.nonfinite_in_row)
+        if self.info.is_logging_rank:
+            print(f"[adapt-pretrain] step {step}: non-finite loss/gradient ({loss}); update skipped "
+                  f"({self.state.nonfinite_in_row} in a row)", file=sys.stderr, flush=True)
+        limit = self.cfg.train.max_nonfinite_in_row
+        if self.state.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"stopping at step {step}: {limit} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_nonfinite_in_row={limit}). Lower optim.lr, raise optim.warmup_steps, check the data, "
+                f"or resume from the last checkpoint in {self.ckpt_root}.")
+
+    def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float,
+                  tokens_per_step: int) -> None:
+        from adapt_pretrain.monitor import finalize
+
+        scalars: dict[str, float] = {
+            "loss": loss, "lr": float(out.lr), "train/step_time_s": step_s, "train/anchor_refresh_s": refresh_s,
+            "train/tokens_per_s": tokens_per_step / max(step_s, 1e-9), "train/skipped_steps": self.state.skipped_steps,
+            "train/consumed_samples": self.state.consumed_samples,
+        }
+        if out.grad_norm is not None and math.isfinite(float(out.grad_norm)):
+            scalars["grad_norm"] = float(out.grad_norm)
+        histograms = {}
+        if out.groups is not None:  # reduced per-group statistics (last stage; None elsewhere)
+            metrics = finalize(out.groups, self.domains)
+            scalars.update(metrics.scalars)
+            if self.monitor.histogram_due(step):
+                histograms = metrics.histograms
+        for key, value in self.loader.stats().items():
+            scalars[f"data/{key}"] = float(value)
+        self.monitor.log_step(step, scalars, histograms or None)
+        if self.info.is_logging_rank and (step % self.cfg.train.log_interval == 0 or step + 1 == self.cfg.train.steps):
+            line = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
+                            if k in ("loss", "lr", "grad_norm", "train/tokens_per_s", "adapt/weight_mean",
+                                     "adapt/weight_std"))
+            message = f"[step {step}] {line}"
+            if self.cfg.train.progress_bar:
+                from tqdm import tqdm
+
+                tqdm.write(message, file=sys.stderr)
+            else:
+                print(message, flush=True)
+
+    def close(self) -> None:
+        self.monitor.close()
+        closer = getattr(self.loader, "close", None)
+        if closer is not None:
+            closer()
+
+
+# ----- entry ----------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, local_rank = strip_local_rank(argv)  # deepspeed appends --local_rank=N
+    args = build_parser().parse_args(argv)
+    env = read_dist_env(local_rank)
+    configure_threads(env)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        cfg.layout(env.world_size)
+    except ConfigError as exc:
+        if env.rank == 0:
+            print(f"adapt-pretrain train: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        if env.rank == 0:
+            print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        return 0
+    init_distributed(env)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, env, resume=args.resume)
+        t0 = time.perf_counter()
+        result = trainer.run()
+        if trainer.info.is_logging_rank:
+            print(f"[adapt-pretrain] done: {result.steps_run} steps in {time.perf_counter() - t0:.1f}s, "
+                  f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}, run dir {cfg.train.run_dir}",
+                  flush=True)
+        return 0
+    except (ConfigError, CheckpointError, NonFiniteLossError) as exc:
+        print(f"adapt-pretrain train (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if trainer is not None:
+            trainer.close()
+        from adapt_pretrain.megatron import teardown_parallel
+
+        teardown_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
