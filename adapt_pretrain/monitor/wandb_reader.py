@@ -35,14 +35,10 @@ def _crc(kind: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF
 
 
-def iter_payloads(path: str, strict: bool = True) -> Iterator[bytes]:
-    """Yield each record's payload bytes. A truncated tail (run killed mid-write) ends the iteration;
-    a CRC mismatch raises with `strict`, else the broken record is skipped."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data[:HEADER_SIZE] != FILE_HEADER:
-        raise WandbFileError(f"{path}: not a W&B log (header {data[:HEADER_SIZE]!r})")
-    pos, pending = HEADER_SIZE, None
+def iter_chunks(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """Yield (offset, type, stored crc, payload) for every chunk after the file header; stops at a
+    truncated tail (a run killed mid-write)."""
+    pos = HEADER_SIZE
     while pos < len(data):
         room = BLOCK_SIZE - pos % BLOCK_SIZE
         if room < HEADER_SIZE:  # block trailer padding
@@ -51,23 +47,33 @@ def iter_payloads(path: str, strict: bool = True) -> Iterator[bytes]:
         if pos + HEADER_SIZE > len(data):
             return
         crc, length, kind = struct.unpack_from("<IHB", data, pos)
-        start = pos + HEADER_SIZE
-        if kind == 0 and length == 0:  # preallocated zeros: skip to the next block
+        if kind == 0 and length == 0:  # zero fill: skip to the next block
             pos += room
             continue
+        start = pos + HEADER_SIZE
         if start + length > len(data):
             return
-        payload = data[start:start + length]
+        yield pos, kind, crc, data[start:start + length]
         pos = start + length
+
+
+def iter_payloads(path: str, strict: bool = True) -> Iterator[bytes]:
+    """Yield each record's reassembled payload. A CRC mismatch or a broken FIRST/MIDDLE/LAST
+    sequence raises with `strict`; otherwise the broken record is skipped."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:HEADER_SIZE] != FILE_HEADER:
+        raise WandbFileError(f"{path}: not a W&B log (header {data[:HEADER_SIZE]!r})")
+    pending: bytearray | None = None
+    for offset, kind, crc, payload in iter_chunks(data):
         if _crc(kind, payload) != crc:
             if strict:
-                raise WandbFileError(f"{path}: CRC mismatch in chunk at offset {start - HEADER_SIZE}")
+                raise WandbFileError(f"{path}: CRC mismatch in chunk at offset {offset}")
             pending = None
             continue
-        if kind == FULL:
-            pending = None
+        if kind == FULL and pending is None:
             yield payload
-        elif kind == FIRST:
+        elif kind == FIRST and pending is None:
             pending = bytearray(payload)
         elif kind == MIDDLE and pending is not None:
             pending += payload
@@ -75,7 +81,11 @@ def iter_payloads(path: str, strict: bool = True) -> Iterator[bytes]:
             yield bytes(pending + payload)
             pending = None
         elif strict:
-            raise WandbFileError(f"{path}: unexpected chunk type {kind} at offset {start - HEADER_SIZE}")
+            raise WandbFileError(f"{path}: unexpected chunk type {kind} at offset {offset}")
+        else:
+            pending = bytearray(payload) if kind == FIRST else None
+            if kind == FULL:
+                yield payload
 
 
 def iter_records(path: str, strict: bool = True) -> Iterator[Any]:
