@@ -185,7 +185,8 @@ class RunConfig:
         classes = _section_classes()
         built: dict[str, Any] = {}
         pending = None
-        for name in SECTIONS:
+        # train first: data and optim copy values from it, so its own message must come first
+        for name in ("train",) + tuple(n for n in SECTIONS if n != "train"):
             values = raw.get(name)
             if name == "prepare" and values is None:
                 built[name] = None

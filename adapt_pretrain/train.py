@@ -146,10 +146,10 @@ class Trainer:
                               f"vocabulary ({manifest.vocab_size}) in {self.data_cfg.data_dir}")
 
     def _build_loader(self) -> Any:
-        from adapt_pretrain.data import build_loader
+        from adapt_pretrain.data.stream import DataStream
 
         data_cfg = dataclasses.replace(self.data_cfg, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
-        return build_loader(data_cfg)
+        return DataStream(data_cfg)
 
     def _anchor_batches(self) -> list[dict]:
         if not self.engine_needs_anchors():
@@ -205,9 +205,15 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> list[dict]:
-        if self._data_iter is None:
-            self._data_iter = iter(self.loader)
-        return [next(self._data_iter) for _ in range(self.num_microbatches)]
+        batches = []
+        while len(batches) < self.num_microbatches:
+            if self._data_iter is None:
+                self._data_iter = iter(self.loader)
+            try:
+                batches.append(next(self._data_iter))
+            except StopIteration:  # finite mode: one iter() is one epoch; continue with the next
+                self._data_iter = None
+        return batches
 
     def _refresh_anchors(self, step: int) -> float:
         t0 = time.perf_counter()

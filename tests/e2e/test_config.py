@@ -1,0 +1,151 @@
+"""Run config: YAML and DeepSpeed-style JSON loading, dotted overrides, validation messages.
+
+Every error must name the offending field, so each test asserts on the field name in the message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from adapt_pretrain.checkpoint import CheckpointError, check_resume_compatible
+from adapt_pretrain.config import ConfigError
+from adapt_pretrain.run_config import load_run_config
+
+from .conftest import TINY_MODEL
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_yaml(tmp_path, data) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def base(data_dir: str) -> dict:
+    return {"model": {"vocab_size": 1024, "seq_len": 32, "hidden_size": 32, "num_layers": 2, "num_attention_heads": 4},
+            "data": {"data_dir": data_dir, "num_workers": 0},
+            "train": {"steps": 5, "micro_batch_size": 2, "global_batch_size": 8},
+            "adapt": {"enabled": True}}
+
+
+def test_yaml_loads_and_derives(tmp_path, demo_data_dir):
+    cfg = load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["train.steps=7", "adapt.tau=0.5"])
+    assert cfg.train.steps == 7 and cfg.adapt.tau == 0.5 and cfg.adapt.enabled is True
+    assert cfg.data.seq_len == 32 and cfg.data.micro_batch_size == 2  # stated once, in model/train
+    assert cfg.optim.total_steps == 7  # the LR horizon follows train.steps unless given
+    assert cfg.layout(2) == {"world_size": 2, "tp": 1, "pp": 1, "vp": 1, "dp": 2, "micro_batch_size": 2,
+                             "num_microbatches": 2}
+
+
+@pytest.mark.parametrize("override, field", [
+    ("adapt.tau=-1", "adapt.tau"),
+    ("adapt.normalize=mean", "adapt.normalize"),
+    ("adapt.enabeld=true", "adapt.enabeld"),
+    ("trian.steps=3", "trian"),
+    ("train.steps=0", "train.steps"),
+    ("train.micro_batch_size=two", "train.micro_batch_size"),
+    ("model.num_attention_heads=5", "model.num_attention_heads"),
+    ("optim.lr_decay_style=step", "optim.lr_decay_style"),
+    ("data.mode=sometimes", "data.mode"),
+    ("data.seq_len=64", "data.seq_len"),
+    ("parallel.data=2", "parallel.data"),
+])
+def test_bad_values_name_the_field(tmp_path, demo_data_dir, override, field):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write_yaml(tmp_path, base(demo_data_dir)), [override])
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["train.steps", "steps=3", ".steps=3", "train.=3"])
+def test_malformed_overrides(tmp_path, demo_data_dir, override):
+    with pytest.raises(ConfigError, match="override"):
+        load_run_config(write_yaml(tmp_path, base(demo_data_dir)), [override])
+
+
+def test_unknown_section_and_key_in_file(tmp_path, demo_data_dir):
+    data = base(demo_data_dir)
+    data["modle"] = {}
+    with pytest.raises(ConfigError, match="modle"):
+        load_run_config(write_yaml(tmp_path, data))
+    data = base(demo_data_dir)
+    data["train"]["stpes"] = 3
+    with pytest.raises(ConfigError, match="stpes"):
+        load_run_config(write_yaml(tmp_path, data))
+
+
+def test_batch_divisibility(tmp_path, demo_data_dir):
+    cfg = load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["train.global_batch_size=6"])
+    with pytest.raises(ConfigError, match="train.global_batch_size=6"):
+        cfg.layout(2)
+    with pytest.raises(ConfigError, match="parallel.tensor"):
+        load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["parallel.pipeline=2"]).layout(3)
+
+
+def test_deepspeed_json(tmp_path, demo_data_dir):
+    ds = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 3,
+        "gradient_clipping": 0.5,
+        "steps_per_print": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-6, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 2, "total_num_steps": 50,
+                                                           "cos_min_ratio": 0.1}},
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": 1},
+        "wall_clock_breakdown": False,
+        "adapt": {"enabled": True, "tau": 2.0},
+        "model": base(demo_data_dir)["model"],
+        "data": {"data_dir": demo_data_dir},
+        "train": {"steps": 9},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_run_config(str(path))
+    assert (cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, cfg.train.log_interval) == (2, 3, 4)
+    assert cfg.layout(2)["num_microbatches"] == 3
+    assert cfg.optim.clip_grad == 0.5 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.optim.eps == 1e-6 and cfg.optim.weight_decay == 0.01
+    assert (cfg.optim.warmup_steps, cfg.optim.total_steps, cfg.optim.lr_decay_style) == (2, 50, "cosine")
+    assert cfg.optim.min_lr == pytest.approx(1e-4)
+    assert cfg.model.bf16 is True and cfg.adapt.tau == 2.0 and cfg.train.steps == 9
+
+    for bad, field in [({"optimizer": {"type": "Lamb"}}, "optimizer.type"),
+                       ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage"),
+                       ({"fp16": {"enabled": True}}, "fp16"),
+                       ({"scheduler": {"type": "OneCycle"}}, "scheduler.type"),
+                       ({"train_micro_batch_size_per_gpu": 4, "train": {"micro_batch_size": 2}}, "train.micro_batch_size"),
+                       ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, "optimizer.params.amsgrad")]:
+        path.write_text(json.dumps({**ds, **bad}))
+        with pytest.raises(ConfigError) as err:
+            load_run_config(str(path))
+        assert field in str(err.value), (bad, str(err.value))
+
+
+def test_resume_compatibility_names_fields():
+    config = {"train": {"steps": 10, "log_interval": 1, "micro_batch_size": 2}, "adapt": {"tau": 1.0}}
+    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 2}
+    meta = {"step": 4, "config": config, "layout": layout}
+    # safe: more steps, different logging
+    check_resume_compatible(meta, {**config, "train": {**config["train"], "steps": 20, "log_interval": 5}}, layout)
+    with pytest.raises(CheckpointError) as err:
+        check_resume_compatible(meta, {**config, "adapt": {"tau": 2.0}}, {**layout, "pp": 2, "dp": 1})
+    text = str(err.value)
+    assert "adapt.tau" in text and "pp: 1 (checkpoint) -> 2 (now)" in text and "parallel layout changed" in text
+
+
+def test_cli_reports_config_error(tmp_path, demo_data_dir):
+    """A real process: bad config exits with code 2 and a one-line message naming the field."""
+    proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
+                           write_yaml(tmp_path, base(demo_data_dir)), "adapt.w_max=-3"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "adapt.w_max" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config", str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
