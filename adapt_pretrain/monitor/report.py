@@ -98,13 +98,35 @@ def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
+def ema(y: np.ndarray, alpha: float) -> np.ndarray:
+    """Exponential moving average (alpha = weight of the past); 0 returns y unchanged."""
+    if alpha <= 0 or y.size == 0:
+        return y
+    out = np.empty_like(y)
+    acc = y[0]
+    for i, v in enumerate(y):
+        acc = alpha * acc + (1 - alpha) * v
+        out[i] = acc
+    return out
+
+
+def _line(ax: Any, x: np.ndarray, y: np.ndarray, smooth: float, fmt: str = "-", **kw: Any) -> None:
+    """Raw values, or a faint raw line under its EMA when smoothing (per-step values are noisy)."""
+    if smooth > 0:
+        line, = ax.plot(x, y, fmt, alpha=0.2, lw=0.8, color=kw.get("color"))
+        kw.setdefault("color", line.get_color())
+        ax.plot(x, ema(y, smooth), fmt, **kw)
+    else:
+        ax.plot(x, y, fmt, **kw)
+
+
 def _mark_events(ax: Any, run: RunSeries) -> None:
     for ev in run.events:
         if ev.get("event") == "anchor_refresh" and ev.get("step") is not None:
             ax.axvline(ev["step"], color="0.8", lw=0.6, zorder=0)
 
 
-def plot_curriculum(runs: list[RunSeries], out_dir: str) -> str:
+def plot_curriculum(runs: list[RunSeries], out_dir: str, smooth: float = 0.0) -> str:
     plt, fig, axes = _grid(len(runs))
     for ax, run in zip(axes, runs):
         _mark_events(ax, run)
@@ -112,11 +134,11 @@ def plot_curriculum(runs: list[RunSeries], out_dir: str) -> str:
         for dom in run.domains():
             x, y = run.series(f"domain/{dom}/mean_weight")
             if x.size:
-                ax.plot(x, y, label=dom, lw=1.4)
+                _line(ax, x, y, smooth, label=dom, lw=1.4)
                 any_line = True
         x, y = run.series("adapt/weight_mean")
         if x.size:
-            ax.plot(x, y, "k--", lw=1, label="all groups")
+            _line(ax, x, y, smooth, "--", color="k", lw=1, label="all groups")
             any_line = True
         if not any_line:
             _empty(ax, "no per-domain weights logged")
@@ -156,6 +178,8 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40)
         else:
             x_edges = np.asarray([steps[0] - 0.5, steps[0] + 0.5])
         mesh = ax.pcolormesh(x_edges, grid, mat, cmap="viridis", shading="flat")
+        last_step = max(run.steps) if run.steps else x_edges[-1]
+        ax.set_xlim(x_edges[0], max(x_edges[-1], last_step))
         fig.colorbar(mesh, ax=ax, label="fraction of groups")
         x, y = run.series("adapt/weight_p50")
         if x.size:
@@ -165,14 +189,14 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40)
     return _save(fig, out_dir, "weight_heatmap")
 
 
-def plot_loss(runs: list[RunSeries], out_dir: str) -> str:
+def plot_loss(runs: list[RunSeries], out_dir: str, smooth: float = 0.0) -> str:
     plt, fig, axes = _grid(len(runs) + 1)
     for ax, run in zip(axes, runs):
         drew = False
         for dom in run.domains():
             x, y = run.series(f"domain/{dom}/loss")
             if x.size:
-                ax.plot(x, y, label=dom, lw=1.2)
+                _line(ax, x, y, smooth, label=dom, lw=1.2)
                 drew = True
         if drew:
             ax.legend(fontsize=7, ncol=2)
@@ -187,7 +211,7 @@ def plot_loss(runs: list[RunSeries], out_dir: str) -> str:
         for key, style in (("loss/mean", "-"), ("loss/weighted", ":")):
             x, y = run.series(key)
             if x.size:
-                ax.plot(x, y, style, color=color, label=f"{run.name} {key}")
+                _line(ax, x, y, smooth, style, color=color, label=f"{run.name} {key}")
                 drew = True
     if drew:
         ax.legend(fontsize=7)
@@ -198,7 +222,7 @@ def plot_loss(runs: list[RunSeries], out_dir: str) -> str:
     return _save(fig, out_dir, "loss")
 
 
-def plot_effective(runs: list[RunSeries], out_dir: str) -> str:
+def plot_effective(runs: list[RunSeries], out_dir: str, smooth: float = 0.0) -> str:
     plt, fig, axes = _grid(2)
     for ax, key, label in ((axes[0], "adapt/effective_data_ratio", "effective data ratio (sum w*tokens / tokens)"),
                            (axes[1], "adapt/ess_frac", "effective sample size / groups")):
@@ -206,7 +230,7 @@ def plot_effective(runs: list[RunSeries], out_dir: str) -> str:
         for i, run in enumerate(runs):
             x, y = run.series(key)
             if x.size:
-                ax.plot(x, y, color=f"C{i}", label=run.name)
+                _line(ax, x, y, smooth, color=f"C{i}", label=run.name)
                 drew = True
         if drew:
             ax.legend(fontsize=7)
@@ -247,12 +271,13 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}img{{max-width:100%
     return path
 
 
-def render(run_dirs: Sequence[str], out_dir: str) -> list[str]:
-    """Render every plot and index.html into out_dir; return the written paths."""
+def render(run_dirs: Sequence[str], out_dir: str, smooth: float = 0.0) -> list[str]:
+    """Render every plot and index.html into out_dir; return the written paths.
+    smooth: EMA factor for line plots (0: raw per-step values)."""
     runs = load_runs(run_dirs)
     os.makedirs(out_dir, exist_ok=True)
-    images = [plot_curriculum(runs, out_dir), plot_weight_heatmap(runs, out_dir),
-              plot_loss(runs, out_dir), plot_effective(runs, out_dir)]
+    images = [plot_curriculum(runs, out_dir, smooth), plot_weight_heatmap(runs, out_dir),
+              plot_loss(runs, out_dir, smooth), plot_effective(runs, out_dir, smooth)]
     return images + [write_html(runs, out_dir, images)]
 
 
@@ -262,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="run directories (each holding metrics.jsonl)")
     parser.add_argument("--out", default=None,
                         help="output directory (default: RUN_DIR/report for one run, ./report for several)")
+    parser.add_argument("--smooth", type=float, default=0.0,
+                        help="EMA factor in [0, 1) for line plots, e.g. 0.9 (default 0: raw values)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.smooth < 1.0:
+        parser.error("--smooth must be in [0, 1)")
     for d in args.run_dirs:
         if not os.path.exists(os.path.join(d, "metrics.jsonl")):
             parser.error(f"{d}: no metrics.jsonl")
     out = args.out or (os.path.join(args.run_dirs[0], "report") if len(args.run_dirs) == 1 else "report")
-    paths = render(args.run_dirs, out)
+    paths = render(args.run_dirs, out, args.smooth)
     print(f"wrote {len(paths)} files to {out}: " + ", ".join(os.path.basename(p) for p in paths))
     return 0

@@ -1,0 +1,73 @@
+"""`adapt-pretrain report` renders non-blank PNGs and an HTML page from metrics.jsonl written by Monitor."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from adapt_pretrain.cli import main as cli_main
+from adapt_pretrain.monitor import read_metrics
+from adapt_pretrain.monitor.report import PLOTS, main, render
+from tests.monitor.synthetic import DOMAINS, write_synthetic_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    dirs = [str(root / "adapt"), str(root / "uniform")]
+    for seed, d in enumerate(dirs):
+        write_synthetic_run(d, steps=60, seed=seed)
+    return dirs
+
+
+def _assert_real_image(path: str) -> None:
+    import matplotlib.image as mpimg
+
+    assert os.path.getsize(path) > 10_000, path
+    img = mpimg.imread(path)[..., :3]
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img.std() > 0.05, f"{path} looks blank"
+    # more than background and text: a real share of non-white, coloured pixels
+    assert (np.abs(img - img.mean(axis=2, keepdims=True)).sum(axis=2) > 0.1).mean() > 0.005, path
+
+
+def test_synthetic_run_has_a_curriculum(runs):
+    steps, _ = read_metrics(runs[0])
+    first, last = steps[0]["scalars"], steps[59]["scalars"]
+    spread = lambda s: np.ptp([s[f"domain/{d}/mean_weight"] for d in DOMAINS])  # noqa: E731
+    assert spread(last) > 5 * spread(first)  # weights start near-uniform and become discriminative
+
+
+def test_single_run_report_via_cli(runs, capsys):
+    assert cli_main(["report", runs[0]]) == 0
+    out = os.path.join(runs[0], "report")
+    for name in PLOTS:
+        _assert_real_image(os.path.join(out, f"{name}.png"))
+    page = open(os.path.join(out, "index.html")).read()
+    assert all(f'src="{name}.png"' in page for name in PLOTS) and "adapt/effective_data_ratio" in page
+    assert "wrote 5 files" in capsys.readouterr().out
+
+
+def test_comparison_report(runs, tmp_path):
+    paths = render(runs, str(tmp_path / "cmp"))
+    assert len(paths) == 5
+    for p in paths[:-1]:
+        _assert_real_image(p)
+    page = open(paths[-1]).read()
+    assert "adapt" in page and "uniform" in page
+
+
+def test_report_rejects_missing_run(tmp_path):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nope")])
+
+
+def test_smoothing_option(runs, tmp_path):
+    from adapt_pretrain.monitor.report import ema
+
+    np.testing.assert_allclose(ema(np.array([1.0, 0.0, 0.0]), 0.5), [1.0, 0.5, 0.25])
+    assert main([runs[0], runs[1], "--out", str(tmp_path / "s"), "--smooth", "0.9"]) == 0
+    _assert_real_image(str(tmp_path / "s" / "curriculum.png"))
+    with pytest.raises(SystemExit):
+        main([runs[0], "--smooth", "1.5"])
