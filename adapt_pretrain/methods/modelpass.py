@@ -1,0 +1,135 @@
+"""Forward-only passes with a trained run's model: per-token losses (eval) and document embeddings
+(offline top-k by embedding). Single process, TP = PP = 1: the comparison models are small.
+
+The model is rebuilt from the checkpoint's saved config with the step engine's `build_model`, so
+eval sees exactly the network that was trained (same megatron code path, same CPU redirections).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclass
+class LoadedModel:
+    gpt: torch.nn.Module
+    seq_len: int
+    config: dict[str, Any]  # the run's resolved config (RunConfig.to_dict form)
+    step: int
+    capture: Any            # HiddenCapture on the output layer
+
+    @property
+    def data_dir(self) -> str:
+        return str(self.config["data"]["data_dir"])
+
+
+def find_run_checkpoint(run_dir: str) -> str:
+    """The newest complete checkpoint of a run directory (raises FileNotFoundError naming the run)."""
+    from adapt_pretrain.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(os.path.join(run_dir, CHECKPOINT_SUBDIR)) or find_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (train the run to the end first)")
+    return ckpt
+
+
+def load_run_model(run_dir: str) -> LoadedModel:
+    """Rebuild the run's GPT in this process and load its final weights (eval mode, no grad)."""
+    from adapt_pretrain.checkpoint import load_rank_state, read_meta
+    from adapt_pretrain.config import dataclass_from_dict
+    from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
+    from adapt_pretrain.megatron.model import HiddenCapture, build_model, unwrap
+    from adapt_pretrain.megatron.parallel import setup_parallel
+
+    ckpt = find_run_checkpoint(run_dir)
+    meta = read_meta(ckpt)
+    layout = meta.get("layout", {})
+    if int(layout.get("tp", 1)) != 1 or int(layout.get("pp", 1)) != 1:
+        raise ValueError(f"{run_dir}: eval supports runs trained with tensor = pipeline = 1 (got {layout})")
+    config = meta["config"]
+    model_cfg = dataclass_from_dict(ModelConfig, config["model"], section="model")
+    parallel = ParallelConfig()
+    setup_parallel(parallel, 0)
+    chunks = build_model(model_cfg, parallel)
+    gpt = unwrap(chunks[0])
+    state = load_rank_state(ckpt, 0)
+    gpt.load_state_dict(state["step_fn"]["model"][0])
+    gpt.eval()
+    return LoadedModel(gpt, model_cfg.seq_len, config, int(meta.get("step", 0)), HiddenCapture(gpt))
+
+
+def pack_windows(docs: Sequence[np.ndarray], eos_id: int, seq_len: int, max_tokens: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Documents (each + EOS) concatenated and cut into [n, seq_len + 1] windows, plus a label mask.
+
+    The last window is padded (mask 0) rather than dropped, so a small domain still counts; at most
+    `max_tokens` labels are evaluated (documents taken in the given order).
+    """
+    stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), eos_id) for d in docs]) if docs else np.zeros(0, np.int64)
+    if max_tokens is not None:
+        stream = stream[: max_tokens + 1]
+    n_labels = max(len(stream) - 1, 0)
+    n = max(1, -(-n_labels // seq_len))
+    windows = np.full((n, seq_len + 1), eos_id, dtype=np.int64)
+    mask = np.zeros((n, seq_len), dtype=np.float32)
+    for i in range(n):
+        part = stream[i * seq_len: i * seq_len + seq_len + 1]
+        windows[i, : len(part)] = part
+        mask[i, : max(len(part) - 1, 0)] = 1.0
+    return windows, mask
+
+
+@torch.no_grad()
+def token_losses(model: LoadedModel, windows: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Per-label cross-entropy [n, seq_len] of [n, seq_len + 1] windows (nats)."""
+    out = []
+    s = model.seq_len
+    for i in range(0, len(windows), batch_size):
+        w = torch.from_numpy(windows[i: i + batch_size])
+        tokens, labels = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        pos = torch.arange(s).unsqueeze(0).expand(tokens.shape[0], s)
+        logits = model.gpt(tokens, pos, None)
+        model.capture.pop()
+        if logits.shape[0] != tokens.shape[0]:  # [s, b, V] layout
+            logits = logits.transpose(0, 1)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 reduction="none")
+        out.append(loss.reshape(tokens.shape).numpy())
+    return np.concatenate(out) if out else np.zeros((0, s), np.float32)
+
+
+@torch.no_grad()
+def document_embeddings(model: LoadedModel, docs: Sequence[np.ndarray], batch_size: int = 32,
+                        progress: bool = False) -> np.ndarray:
+    """Position-weighted pooled final hidden states of each document's first seq_len tokens [N, H]
+    (DESIGN 1.2's group embedding, one group per document; not normalised)."""
+    from tqdm import tqdm
+
+    s = model.seq_len
+    chunks: list[np.ndarray] = []
+    for i in tqdm(range(0, len(docs), batch_size), desc="embedding documents", disable=not progress):
+        batch = docs[i: i + batch_size]
+        tokens = torch.zeros(len(batch), s, dtype=torch.int64)
+        weight = torch.zeros(len(batch), s, dtype=torch.float32)
+        for j, d in enumerate(batch):
+            d = np.asarray(d[:s], dtype=np.int64)
+            tokens[j, : len(d)] = torch.from_numpy(d)
+            weight[j, : len(d)] = torch.arange(1, len(d) + 1, dtype=torch.float32)
+        pos = torch.arange(s).unsqueeze(0).expand(len(batch), s)
+        model.gpt(tokens, pos, None)
+        hidden = model.capture.pop().float()
+        if hidden.shape[0] != len(batch) or hidden.shape[1] != s:  # megatron's [s, b, H]
+            hidden = hidden.transpose(0, 1)
+        chunks.append(torch.einsum("bs,bsh->bh", weight, hidden).numpy())
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
+def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
