@@ -133,6 +133,7 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         self.monitor = self._build_monitor()
+        self.stats_layout = self._stats_layout()
         self._data_iter: Iterator[dict] | None = None
 
     # -- construction helpers ------------------------------------------------------------------------
@@ -154,14 +155,23 @@ class Trainer:
     def _anchor_batches(self) -> list[dict]:
         if not self.engine_needs_anchors():
             return []
-        from adapt_pretrain.data import anchor_micro_batches
+        from adapt_pretrain.data.anchors import anchor_batches
 
-        return anchor_micro_batches(self.data_cfg, self.info.dp_rank, self.info.dp_size,
-                                    num_anchors=self.cfg.adapt.num_anchors)
+        return anchor_batches(self.data_cfg.data_dir, self.cfg.model.seq_len, self.cfg.train.micro_batch_size,
+                              self.info.dp_rank, self.info.dp_size, num_anchors=self.cfg.adapt.num_anchors)
 
     def engine_needs_anchors(self) -> bool:
         a = self.cfg.adapt
         return a.enabled and a.policy == "adapt" and a.signal == "embed"
+
+    def _stats_layout(self) -> Any:
+        from adapt_pretrain.monitor import StatsLayout
+
+        a = self.cfg.adapt
+        weight_hi = min(a.w_max, 1.0) if a.policy == "adapt" else max(a.w_max, 1.0)
+        score_range = (-1.0, 1.0) if a.signal == "embed" else (-4.0, 4.0)
+        return StatsLayout(num_domains=max(len(self.domains), 1), weight_range=(a.w_min, max(weight_hi, a.w_min + 1e-6)),
+                           score_range=score_range)
 
     def _build_monitor(self) -> Any:
         from adapt_pretrain.monitor import Monitor
@@ -219,7 +229,9 @@ class Trainer:
         t0 = time.perf_counter()
         info = self.step_fn.refresh_anchors(step, self.anchor_batches) or {}
         elapsed = time.perf_counter() - t0
-        self.monitor.log_event(step, "anchor_refresh", seconds=elapsed, **info)
+        fields = {k: v for k, v in info.items() if k != "step"}
+        fields.setdefault("refresh_time_s", elapsed)
+        self.monitor.log_event(step, "anchor_refresh", **fields)
         return elapsed
 
     def run(self) -> RunResult:
@@ -288,7 +300,7 @@ class Trainer:
 
     def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float,
                   tokens_per_step: int) -> None:
-        from adapt_pretrain.monitor import finalize
+        from adapt_pretrain.monitor import finalize, partial_stats
 
         scalars: dict[str, float] = {
             "loss": loss, "lr": float(out.lr), "train/step_time_s": step_s, "train/anchor_refresh_s": refresh_s,
@@ -297,15 +309,20 @@ class Trainer:
         }
         if out.grad_norm is not None and math.isfinite(float(out.grad_norm)):
             scalars["grad_norm"] = float(out.grad_norm)
-        histograms = {}
-        if out.groups is not None:  # reduced per-group statistics (last stage; None elsewhere)
-            metrics = finalize(out.groups, self.domains)
+        histograms, tables = {}, {}
+        if out.groups is not None and self.info.is_logging_rank:  # the global batch's groups (last stage)
+            g = out.groups
+            stats = partial_stats(self.stats_layout, g["weights"], g["scores"], g["group_tokens"],
+                                  g["group_domain"], g["group_loss_sum"])
+            metrics = finalize(stats, self.domains)  # already global: gathered over DP by the step
             scalars.update(metrics.scalars)
             if self.monitor.histogram_due(step):
                 histograms = metrics.histograms
+            if self.monitor.table_due(step):
+                tables = {"extreme_documents": self._extreme_rows(g)}
         for key, value in self.loader.stats().items():
             scalars[f"data/{key}"] = float(value)
-        self.monitor.log_step(step, scalars, histograms or None)
+        self.monitor.log_step(step, scalars, histograms or None, tables or None)
         if self.info.is_logging_rank and (step % self.cfg.train.log_interval == 0 or step + 1 == self.cfg.train.steps):
             line = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
                             if k in ("loss", "lr", "grad_norm", "train/tokens_per_s", "adapt/weight_mean",
@@ -318,6 +335,19 @@ class Trainer:
             else:
                 print(message, flush=True)
 
+    def _extreme_rows(self, groups: dict[str, torch.Tensor], k: int = 5) -> list[dict[str, Any]]:
+        """The k highest- and lowest-weighted documents of this step (a W&B/local table)."""
+        weights = groups["weights"].float()
+        order = torch.argsort(weights, descending=True, stable=True).tolist()
+        picks = order[:k] + [i for i in order[-k:] if i not in order[:k]]
+        rows = []
+        for i in picks:
+            domain = int(groups["group_domain"][i])
+            rows.append({"domain": self.domains[domain] if 0 <= domain < len(self.domains) else str(domain),
+                         "doc_id": int(groups["group_doc_id"][i]), "weight": float(weights[i]),
+                         "score": float(groups["scores"][i]), "tokens": float(groups["group_tokens"][i])})
+        return rows
+
     def close(self) -> None:
         self.monitor.close()
         closer = getattr(self.loader, "close", None)
@@ -327,8 +357,18 @@ class Trainer:
 
 # ----- entry ----------------------------------------------------------------------------------------
 
+def _quiet_known_warnings() -> None:
+    """Megatron warns on import that Apex/Transformer Engine are absent (expected: it falls back to torch)."""
+    import warnings
+
+    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_known_warnings()
     argv, local_rank = strip_local_rank(argv)  # deepspeed appends --local_rank=N
     args = build_parser().parse_args(argv)
     env = read_dist_env(local_rank)
