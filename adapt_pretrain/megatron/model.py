@@ -1,0 +1,147 @@
+"""Build the megatron-core GPTModel chunks (local layer spec) for the current layout.
+
+One chunk per virtual pipeline stage, each wrapped in megatron's DistributedDataParallel.
+`calculate_per_token_loss=True` is set on the TransformerConfig because the step engine returns
+(loss sum, token count) from its loss_func and normalises by the global sum itself (DESIGN 2).
+
+Final hidden states: the decoder's output on the last stage is already after the final norm
+(TransformerBlock applies `final_layernorm` when post_process), and GPTModel passes it straight
+to `output_layer`. A forward pre-hook on `output_layer` (`HiddenCapture`) therefore hands the step
+engine exactly h_t with no second forward and no copy of megatron's forward code.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from adapt_pretrain.megatron import cpu_compat
+from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig):
+    """The megatron TransformerConfig for this model and layout (also drives the schedules)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    gpu = torch.cuda.is_available()
+    bf16 = bool(model.bf16 and gpu)
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        layernorm_epsilon=model.layernorm_epsilon,
+        normalization=model.normalization,
+        add_bias_linear=model.add_bias_linear,
+        gated_linear_unit=model.activation == "swiglu",
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bf16=bf16,
+        use_cpu_initialization=not gpu,
+        perform_initialization=True,
+        calculate_per_token_loss=True,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=gpu,
+        **cpu_compat.schedule_flags(parallel.interleaved),
+    )
+    if model.activation == "swiglu":
+        import torch.nn.functional as F
+
+        kwargs["activation_func"] = F.silu
+    return TransformerConfig(**kwargs)
+
+
+def _layer_spec(model: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization=model.normalization)
+
+
+def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]:
+    """GPTModel chunks for this rank (one per virtual stage), megatron-DDP wrapped.
+
+    Needs `setup_parallel` first. bf16 on GPU when `model.bf16`; fp32 on CPU.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+
+    model.check_layout(parallel)
+    config = transformer_config(model, parallel)
+    spec = _layer_spec(model)
+    gpu = torch.cuda.is_available()
+    chunks: list[nn.Module] = []
+    for vp_stage in range(parallel.num_chunks):
+        vp = vp_stage if parallel.interleaved else None
+        with cpu_compat.model_construction():
+            gpt = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.seq_len,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+                parallel_output=True,
+                share_embeddings_and_output_weights=model.tie_embeddings,
+                position_embedding_type=model.position_embedding,
+                vp_stage=vp,
+            )
+        if gpu:
+            gpt.cuda(torch.cuda.current_device())
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=gpu,
+            check_for_nan_in_grad=False,
+            bucket_size=None,
+        )
+        chunk = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
+                                        disable_bucketing=vp_stage > 0)
+        chunk.broadcast_params()  # identical weights on every DP replica
+        chunks.append(chunk)
+    return chunks
+
+
+def unwrap(chunk: nn.Module) -> nn.Module:
+    """The GPTModel inside a (possibly nested) DDP / Float16Module wrapper."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class HiddenCapture:
+    """Grabs the input of `output_layer` (final hidden states, after the final norm) per forward.
+
+    Installed once on the last-stage chunk; the step engine `pop()`s right after calling the model
+    inside forward_step, so interleaved schedules (several micro-batches in flight) are safe.
+    """
+
+    def __init__(self, gpt: nn.Module) -> None:
+        self._hidden: Optional[torch.Tensor] = None
+        self._handle = gpt.output_layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self._hidden = args[0]
+
+    def pop(self) -> torch.Tensor:
+        hidden, self._hidden = self._hidden, None
+        if hidden is None:
+            raise RuntimeError("output_layer did not run: HiddenCapture used on a non-last stage?")
+        return hidden
+
+    def remove(self) -> None:
+        self._handle.remove()
