@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -111,6 +112,7 @@ class WandbRun:
 
     history: dict[int, dict[str, Any]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False  # the final `exit` record is present
 
 
 def read_run(path: str, strict: bool = True) -> WandbRun:
@@ -125,12 +127,28 @@ def read_run(path: str, strict: bool = True) -> WandbRun:
                 _set_path(row, key_path, json.loads(item.value_json))
             step = row.get("_step", record.history.step.num)
             run.history.setdefault(int(step), {}).update(row)
+        elif kind == "exit":
+            run.complete = True
         elif kind in ("config", "run"):
             updates = record.config.update if kind == "config" else record.run.config.update
             for item in updates:
                 key_path = list(item.nested_key) or [item.key]
                 _set_path(run.config, key_path, json.loads(item.value_json))
     return run
+
+
+def read_complete_run(path: str, timeout: float = 30.0, poll: float = 0.1) -> WandbRun:
+    """Read a run once W&B has finished writing it. `wandb.finish()` returns before wandb-core has
+    flushed its last (partial) block, so a file read right after finish can miss the last rows;
+    this waits for the `exit` record that closes the log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = read_run(path, strict=True)
+        if run.complete:
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout:.0f} s (run still open or killed)")
+        time.sleep(poll)
 
 
 def read_history(path: str, strict: bool = True) -> dict[int, dict[str, Any]]:

@@ -13,7 +13,7 @@ from wandb.proto import wandb_internal_pb2 as pb
 
 from adapt_pretrain.monitor import WandbConfig, read_metrics
 from adapt_pretrain.monitor.wandb_reader import (
-    BLOCK_SIZE, FIRST, FULL, LAST, MIDDLE, WandbFileError, find_run_file, iter_chunks, read_run,
+    BLOCK_SIZE, FIRST, FULL, LAST, MIDDLE, WandbFileError, find_run_file, iter_chunks, read_complete_run, read_run,
 )
 from tests.monitor.synthetic import write_synthetic_run
 
@@ -61,7 +61,9 @@ def test_fragmented_records_and_padding(tmp_path):
     _write_log(path, payloads)
     kinds = {k for (_, k, _, _) in iter_chunks(path.read_bytes())}
     assert kinds == {FULL, FIRST, MIDDLE, LAST}
-    hist = read_run(str(path)).history
+    run = read_run(str(path))
+    assert not run.complete  # no exit record written
+    hist = run.history
     assert len(hist) == 400 and hist[0]["loss"] == 1.5 and hist[1]["text"] == big
     assert hist[1]["h"] == {"_type": "histogram", "values": [1, 2]}
     assert all(hist[s]["loss"] == 1.0 / s for s in range(2, 400))
@@ -73,6 +75,12 @@ def test_truncated_tail_and_corruption(tmp_path):
     data = path.read_bytes()
     (tmp_path / "cut.wandb").write_bytes(data[:-3])  # killed mid-write
     assert sorted(read_run(str(tmp_path / "cut.wandb")).history) == [0, 1, 2, 3]
+    with pytest.raises(TimeoutError):  # never closed by an exit record
+        read_complete_run(str(tmp_path / "cut.wandb"), timeout=0.2)
+    exit_rec = pb.Record()
+    exit_rec.exit.exit_code = 0
+    _write_log(tmp_path / "done.wandb", [_history(0, loss=1.0), exit_rec.SerializeToString()])
+    assert read_complete_run(str(tmp_path / "done.wandb"), timeout=1).history[0]["loss"] == 1.0
     bad = bytearray(data)
     bad[20] ^= 0xFF  # inside the first record's payload
     (tmp_path / "bad.wandb").write_bytes(bytes(bad))
@@ -97,7 +105,7 @@ def test_real_wandb_offline_roundtrip_equals_metrics_jsonl(tmp_path, monkeypatch
     run_dir = str(tmp_path / "run")
     write_synthetic_run(run_dir, steps=60, wandb=WandbConfig(mode="offline", histogram_interval=5, table_interval=20))
     path = find_run_file(run_dir)
-    run = read_run(path)
+    run = read_complete_run(path)  # wandb-core flushes the tail after finish() returns
     steps, events = read_metrics(run_dir)
     assert os.path.getsize(path) > BLOCK_SIZE  # the real file spans several blocks
     assert sorted(run.history) == sorted(steps) == list(range(60))
