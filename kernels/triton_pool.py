@@ -46,7 +46,8 @@ def _score_weight_kernel(p_ptr, stride_p, c_ptr, scores_ptr, weights_ptr, G, H, 
     norm = tl.sqrt(sq)
     score = tl.where(norm > 0, dot / tl.where(norm > 0, norm, 1.0), 0.0)
     z = (score - mean) / std * inv_tau
-    w = 1.0 / (1.0 + tl.exp(-z))
+    e = tl.exp(-tl.abs(z))  # overflow-free sigmoid (tau -> 0 sends |z| to infinity)
+    w = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     w = tl.minimum(tl.maximum(w, w_min), w_max)
     tl.store(scores_ptr + rows, score, mask=rmask)
     tl.store(weights_ptr + rows, w, mask=rmask)
