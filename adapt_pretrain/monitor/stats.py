@@ -35,8 +35,9 @@ QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 # Global counters at the head of `sums`.
 _N, _SW, _SW2, _SS, _SS2, _T, _WT, _L, _WL = range(9)
 _NUM_GLOBAL = 9
-# Per-domain columns: groups, sum w, tokens, sum w*tokens, loss sum, sum w*loss.
-_D_COLS = 6
+# Per-domain columns: groups, sum w, tokens, sum w*tokens, loss sum, sum w*loss (columns of the terms matrix).
+_DOMAIN_TERMS = [_N, _SW, _T, _WT, _L, _WL]
+_D_COLS = len(_DOMAIN_TERMS)
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,16 @@ def empty_stats(layout: StatsLayout, device: torch.device | str = "cpu") -> Part
                         torch.full((4,), float("-inf"), dtype=torch.float64, device=device))
 
 
-def _histogram(values: Tensor, lo: float, hi: float, bins: int) -> Tensor:
-    """Counts over fixed bins, out-of-range values clamped into the edge bins (one-hot sum: deterministic)."""
-    idx = ((values - lo) * (bins / (hi - lo))).floor().clamp_(0, bins - 1).long()
-    return torch.nn.functional.one_hot(idx, bins).sum(0).to(torch.float64)
+def _bin_index(values: Tensor, lo: float, hi: float, bins: int) -> Tensor:
+    """Fixed-bin index; out-of-range values are clamped into the edge bins."""
+    return ((values - lo) * (bins / (hi - lo))).floor().clamp_(0, bins - 1).long()
+
+
+def _histogram2(w: Tensor, s: Tensor, layout: StatsLayout) -> Tensor:
+    """Weight counts then score counts ([2 * bins]) in one one-hot sum (deterministic on any device)."""
+    b = layout.num_bins
+    idx = torch.cat([_bin_index(w, *layout.weight_range, b), _bin_index(s, *layout.score_range, b) + b])
+    return torch.nn.functional.one_hot(idx, 2 * b).sum(0).to(torch.float64)
 
 
 def partial_stats(
@@ -135,7 +142,8 @@ def partial_stats(
     """Partial sums of one micro-batch from per-group tensors (all [G], any device).
 
     weights: ADAPT weight per group; scores: similarity score per group; group_tokens: number of
-    loss-carrying tokens in the group; group_domain: domain index in [0, num_domains);
+    loss-carrying tokens in the group; group_domain: domain index in [0, num_domains) (others count
+    in the global metrics only, so a bad label cannot crash training);
     group_loss: unweighted cross-entropy summed over the group's tokens. Inputs are detached.
     """
     w = weights.detach().reshape(-1).to(torch.float64)
@@ -147,16 +155,18 @@ def partial_stats(
         raise ValueError("weights, scores, group_tokens, group_domain, group_loss must all have G entries")
     if w.numel() == 0:
         return empty_stats(layout, w.device)
-    ones = torch.ones_like(w)
+    # One [G, 9] matrix of per-group terms; column sums give the globals, a one-hot matmul the per-domain
+    # sums (few large ops instead of many small ones: per-op overhead dominates at these sizes).
     wt, wl = w * t, w * l
-    glob = torch.stack([ones.sum(), w.sum(), (w * w).sum(), s.sum(), (s * s).sum(),
-                        t.sum(), wt.sum(), l.sum(), wl.sum()])
-    onehot = torch.nn.functional.one_hot(dom, layout.num_domains).to(torch.float64)  # [G, D]
-    per_domain = onehot.T @ torch.stack([ones, w, t, wt, l, wl], dim=1)  # [D, 6]
-    whist = _histogram(w, *layout.weight_range, layout.num_bins)
-    shist = _histogram(s, *layout.score_range, layout.num_bins)
-    sums = torch.cat([glob, per_domain.reshape(-1), whist, shist])
-    maxes = torch.stack([w.max(), -w.min(), s.max(), -s.min()])
+    terms = torch.stack([torch.ones_like(w), w, w * w, s, s * s, t, wt, l, wl], dim=1)
+    glob = terms.sum(0)
+    nd = layout.num_domains
+    dom = torch.where((dom >= 0) & (dom < nd), dom, nd)  # unknown domains: globals only, no domain row
+    onehot = torch.nn.functional.one_hot(dom, nd + 1)[:, :nd].to(torch.float64)  # [G, D]
+    per_domain = onehot.T @ terms[:, _DOMAIN_TERMS]  # [D, 6]
+    hist = _histogram2(w, s, layout)
+    sums = torch.cat([glob, per_domain.reshape(-1), hist])
+    maxes = torch.stack([w, -w, s, -s]).amax(dim=1)
     return PartialStats(layout, sums, maxes)
 
 

@@ -107,6 +107,16 @@ def test_microbatch_merge_equals_concatenation():
     assert_matches(finalize(merged, NAMES).scalars, reference(concat(b1, b2, b3), NAMES))
 
 
+def test_unknown_domain_counts_globally_only():
+    batch = make_batch(7, groups=10, num_domains=2, skip_domain=None)
+    batch["group_domain"][:3] = torch.tensor([-1, 2, 99])
+    m = finalize(partial_stats(StatsLayout(num_domains=2), **batch), ["x", "y"])
+    known = {k: v[3:] for k, v in batch.items()}
+    assert m.scalars["adapt/groups"] == 10
+    assert math.isclose(m.scalars["domain/x/token_share"] + m.scalars["domain/y/token_share"],
+                        known["group_tokens"].sum().item() / batch["group_tokens"].sum().item())
+
+
 def test_empty_batch_and_validation():
     layout = StatsLayout(num_domains=2)
     empty = {k: torch.zeros(0) for k in ("weights", "scores", "group_tokens", "group_loss")}
