@@ -121,6 +121,8 @@ class DataConfig:
     strict: raise on bad input (corrupt tar, malformed sample, out-of-vocab id) instead of skip+count.
     shuffle_within_shard: permute documents inside a shard per epoch (seeded), on top of the
         seeded shard order. verify_checksums: compare each shard's sha256 with the manifest.
+    worker_start_method: DataLoader worker start method; None = `fork` where available (spawned
+        workers re-import torch: seconds per worker per epoch on small CPUs), else the default.
     """
 
     data_dir: str = ""
@@ -137,6 +139,7 @@ class DataConfig:
     shuffle_within_shard: bool = True
     verify_checksums: bool = True
     prefetch_factor: int = 4
+    worker_start_method: Optional[str] = None
 
     def __post_init__(self) -> None:
         s = "data"
@@ -159,6 +162,9 @@ class DataConfig:
         for name in ("strict", "shuffle_within_shard", "verify_checksums"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{s}.{name}={getattr(self, name)!r} must be true or false")
+        if self.worker_start_method not in (None, "fork", "spawn", "forkserver"):
+            raise ConfigError(f"{s}.worker_start_method={self.worker_start_method!r} is invalid; "
+                              "choose one of fork, spawn, forkserver (or leave unset)")
         if self.dp_size is not None:
             _int(s, "dp_size", self.dp_size, 1)
         if self.dp_rank is not None:
