@@ -1,0 +1,209 @@
+"""`adapt-pretrain compare`: every method x seed at equal training tokens, evaluated, tabulated, plotted.
+
+Flow: prepare the corpus once (with BM25 scores); build the offline methods' data (top-k subsets,
+static mix; the embedding top-k trains and scores a short proxy run first); train each run as a
+subprocess; evaluate it on the held-out sets; cache `result.json` per run dir; write the tables
+and plots. Interrupt it at any point and run the same command again: finished runs are skipped,
+an unfinished one resumes from its last checkpoint, and the report covers whatever is finished.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Optional
+
+from adapt_pretrain.config import ConfigError
+from adapt_pretrain.methods import runs as R
+from adapt_pretrain.methods.costs import ScoringWork, run_flops
+from adapt_pretrain.methods.plan import CompareConfig, RunSpec, load_compare_config, plan_runs, run_config
+from adapt_pretrain.methods.presets import get_preset
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def ensure_data(cfg: CompareConfig) -> str:
+    """Prepare the corpus into <out_dir>/data once (BM25 on: adapt-bm25 and topk-bm25 need it)."""
+    from adapt_pretrain.data.config import PrepareConfig
+    from adapt_pretrain.data.prepare import prepare
+
+    if os.path.isfile(os.path.join(cfg.data_dir, "manifest.json")):
+        return cfg.data_dir
+    log(f"preparing {cfg.prepare.get('inputs')} -> {cfg.data_dir}")
+    prepare(PrepareConfig(**{**cfg.prepare, "out_dir": cfg.data_dir, "bm25": True, "overwrite": True}))
+    return cfg.data_dir
+
+
+def _tokens_per_step(config: dict[str, Any]) -> tuple[int, int]:
+    """(steps, tokens per step) of a raw run config, single data-parallel rank."""
+    from adapt_pretrain.run_config import RunConfig
+
+    rc = RunConfig.from_dict(config)
+    layout = rc.layout(rc.parallel.tensor * rc.parallel.pipeline)
+    return rc.train.steps, layout["micro_batch_size"] * layout["num_microbatches"] * rc.model.seq_len * layout["dp"]
+
+
+def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
+    """Build the derived data dirs the chosen methods need; return the offline scoring sizes."""
+    from adapt_pretrain.data.manifest import Manifest
+    from adapt_pretrain.methods import offline
+
+    man = Manifest.load(cfg.data_dir)
+    anchors = man.anchors() or {}
+    seq_len = int(cfg.run["model"]["seq_len"])
+    num_anchors = min(int((cfg.run.get("adapt") or {}).get("num_anchors", 50)), len(anchors.get("doc_ids", [])))
+    from adapt_pretrain.data.anchors import load_anchor_docs
+
+    anchor_tokens = sum(min(len(d.tokens), seq_len) for d in load_anchor_docs(cfg.data_dir)[:num_anchors])
+    work: dict[str, int] = {"candidate_tokens": int(man.raw["splits"]["train"]["tokens"]), "num_anchors": num_anchors,
+                            "anchor_tokens": anchor_tokens}
+    variants = {get_preset(m).data_variant for m in cfg.methods} - {None}
+    if "topk-bm25" in variants:
+        ids, scores, toks = offline.bm25_scores(cfg.data_dir)
+        offline.build_topk(cfg.data_dir, cfg.variant_dir("topk-bm25"), ids, scores, toks, cfg.selection.fraction,
+                           cfg.data_seed, {"method": "topk-bm25"})
+    if "static-mix" in variants:
+        offline.build_static_mix(cfg.data_dir, cfg.variant_dir("static-mix"), cfg.static_mix["weights"], cfg.data_seed)
+    if "topk-embed" in variants:
+        proxy = RunSpec("proxy-uniform", cfg.selection.proxy_seed, os.path.join(cfg.out_dir, "proxy"), cfg.data_dir,
+                        run_config(cfg, get_preset("uniform"), cfg.selection.proxy_seed, cfg.data_dir,
+                                   os.path.join(cfg.out_dir, "proxy"), (f"train.steps={cfg.selection.proxy_steps}",)))
+        steps, per_step = _tokens_per_step(proxy.config)
+        work["proxy_tokens"] = steps * per_step
+        scores_path = os.path.join(cfg.out_dir, "proxy", "embed_scores.json")
+        if R.read_json(os.path.join(proxy.run_dir, "done.json")) != proxy.fingerprint or not os.path.exists(scores_path):
+            log(f"top-k embed: training the proxy ({cfg.selection.proxy_steps} uniform steps) and scoring documents")
+            R.prepare_run_dir(proxy)
+            R.run_logged(R.train_command(proxy), os.path.join(proxy.run_dir, "train.log"), env)
+            R.run_logged([sys.executable, "-m", "adapt_pretrain.methods.offline", "--run", proxy.run_dir,
+                          "--data", cfg.data_dir, "--num-anchors", str(num_anchors), "--out", scores_path],
+                         os.path.join(proxy.run_dir, "score.log"), env)
+            R.write_json(os.path.join(proxy.run_dir, "done.json"), proxy.fingerprint)
+        scored = R.read_json(scores_path)
+        work["embed_tokens"] = int(scored["embed_tokens"])
+        offline.build_topk(cfg.data_dir, cfg.variant_dir("topk-embed"), scored["doc_ids"], scored["scores"],
+                           scored["tokens"], cfg.selection.fraction, cfg.data_seed, {"method": "topk-embed"})
+    return ScoringWork(**work)
+
+
+def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str, str]) -> dict[str, Any]:
+    """Train (resuming if possible), evaluate and cost one run; returns and caches its result."""
+    from adapt_pretrain.flops import ModelShape
+    from adapt_pretrain.run_config import RunConfig
+
+    resumable = R.prepare_run_dir(spec)
+    t0 = time.time()
+    R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
+    train_s = time.time() - t0
+    eval_cfg = cfg.eval or {}
+    cmd = [sys.executable, "-m", "adapt_pretrain.cli", "eval", "--run", spec.run_dir, "--data", cfg.data_dir,
+           *[str(p) for p in eval_cfg.get("extra", [])], "--max-tokens", str(int(eval_cfg.get("max_tokens", 32768))),
+           "--out", os.path.join(spec.run_dir, "eval.json"), "--no-progress"]
+    t1 = time.time()
+    R.run_logged(cmd, os.path.join(spec.run_dir, "eval.log"), env)
+    eval_s = time.time() - t1
+    rc = RunConfig.from_dict(spec.config)
+    steps, per_step = _tokens_per_step(spec.config)
+    summary = R.metrics_summary(spec.run_dir)
+    groups = int(summary["groups"]) or steps * rc.train.micro_batch_size  # at least one group per sequence
+    flops = run_flops(get_preset(spec.method), ModelShape.from_model_config(rc.model), steps * per_step, steps, groups,
+                      rc.adapt.refresh_interval, work)
+    result = {"method": spec.method, "seed": spec.seed, "fingerprint": spec.fingerprint, "run_dir": spec.run_dir,
+              "data_dir": spec.data_dir, "tokens": steps * per_step, "steps": steps, "flops": flops.as_dict(),
+              "eval": R.read_json(os.path.join(spec.run_dir, "eval.json")), "train_seconds": round(train_s, 1),
+              "eval_seconds": round(eval_s, 1), "resumed": resumable, **summary}
+    R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
+    return result
+
+
+def write_report(cfg: CompareConfig, specs: list[RunSpec], report: str, plots_dir: str) -> list[str]:
+    from adapt_pretrain.methods.report import aggregate, markdown_tables, plot_all, update_marked_block
+
+    results = [r for r in (R.cached_result(s) for s in specs) if r is not None]
+    agg = aggregate(results)
+    curves: dict[str, list] = {}
+    for s in specs:
+        if R.cached_result(s) is not None:
+            curves.setdefault(s.method, []).append(R.loss_curve(s.run_dir))
+    paths = plot_all(agg, cfg.methods, curves, plots_dir)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(report)))  # noqa: E731
+    done, total = len(results), len(specs)
+    steps, per_step = _tokens_per_step(specs[0].config)
+    block = (f"_Generated by `adapt-pretrain compare` from {done}/{total} finished runs "
+             f"({len(cfg.methods)} methods x seeds {cfg.seeds}); every run trains {steps} steps x {per_step} tokens "
+             f"= {steps * per_step:,} tokens._\n\n" + markdown_tables(agg, cfg.methods) + "\n"
+             + "\n".join(f"![{os.path.basename(p)}]({rel(p)})" for p in paths) + "\n")
+    update_marked_block(report, block)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapt-pretrain compare", description=__doc__.split("\n")[0])
+    p.add_argument("--config", "-c", required=True, help="comparison YAML (e.g. launch/configs/compare-cpu.yaml)")
+    p.add_argument("--methods", nargs="*", default=None, help="subset of methods (space or comma separated)")
+    p.add_argument("--seeds", nargs="*", default=None, help="seeds (space or comma separated)")
+    p.add_argument("--out-dir", default=None, help="override the config's out_dir")
+    p.add_argument("--report", default=None, help="markdown file to write/update (default: OUT_DIR/results.md)")
+    p.add_argument("--plots-dir", default=None, help="PNG folder (default: next to the report, results/)")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training process")
+    p.add_argument("--status", action="store_true", help="print which runs are finished and exit")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
+    return p
+
+
+def _split(values: Optional[list[str]]) -> Optional[list[str]]:
+    return None if not values else [v for item in values for v in item.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        seeds = _split(args.seeds)
+        cfg = load_compare_config(args.config, _split(args.methods), [int(s) for s in seeds] if seeds else None,
+                                  args.out_dir)
+    except (ConfigError, ValueError, TypeError, OSError) as exc:
+        print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
+        return 2
+    report = args.report or os.path.join(cfg.out_dir, "results.md")
+    plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(report)), "results")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    env = R.subprocess_env(args.threads)
+    t0 = time.time()
+    ensure_data(cfg)
+    specs = plan_runs(cfg)
+    todo = R.pending(specs)
+    log(f"{len(specs)} runs planned, {len(specs) - len(todo)} finished, {len(todo)} to do")
+    if args.status:
+        for s in specs:
+            print(f"  {'done' if R.cached_result(s) else 'todo'}  {s.method:<11} seed {s.seed}  {s.run_dir}")
+        return 0
+    failures = []
+    if not args.report_only and todo:
+        from tqdm import tqdm
+
+        work = ensure_variants(cfg, env)
+        R.write_json(os.path.join(cfg.out_dir, "scoring_work.json"), work.__dict__)
+        for spec in tqdm(todo, desc="compare runs", unit="run"):
+            t = time.time()
+            try:
+                res = execute(spec, cfg, work, env)
+            except RuntimeError as exc:  # one failed run must not lose the others
+                failures.append(spec)
+                log(f"FAILED {spec.method} seed {spec.seed}: {exc}")
+                continue
+            avg = res["eval"]["averages"]
+            log(f"{spec.method} seed {spec.seed}: seen {avg.get('seen', {}).get('loss', float('nan')):.4f} "
+                f"unseen {avg.get('unseen', {}).get('loss', float('nan')):.4f} ({time.time() - t:.0f}s)")
+    paths = write_report(cfg, specs, report, plots_dir)
+    log(f"report {report}, plots {', '.join(paths)}; total {time.time() - t0:.0f}s")
+    if failures:
+        log(f"{len(failures)} run(s) failed: {', '.join(f'{s.method}-s{s.seed}' for s in failures)}; rerun to retry")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

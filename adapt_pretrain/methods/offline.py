@@ -1,0 +1,99 @@
+"""Offline data steps of the comparison, done once before training: top-k subsets and static mixes.
+
+Each builder writes a derived data directory (see derive.py) and returns its path; an existing
+complete directory is reused, so an interrupted comparison does not redo them. The embedding scores
+come from a proxy model (a short uniform run), scored in a subprocess via this module's `main`
+so the comparison process never holds a torch.distributed group while it launches training runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from adapt_pretrain.methods.derive import DONE, doc_table, is_derived, iter_train_records, write_derived
+from adapt_pretrain.methods.mixing import plan_mixture
+from adapt_pretrain.methods.selection import centroid_scores, select_top_fraction
+
+
+def bm25_scores(data_dir: str) -> tuple[list[int], list[float], list[int]]:
+    """(doc ids, z-scored BM25-to-anchors scores, tokens) of the training split; needs prepare --bm25."""
+    from adapt_pretrain.data.manifest import Manifest
+
+    if not (Manifest.load(data_dir).raw.get("bm25") or {}).get("enabled"):
+        raise ValueError(f"{data_dir} was prepared without BM25 scores (prepare.bm25: true)")
+    table = doc_table(data_dir)
+    return [d.doc_id for d in table], [d.bm25 for d in table], [d.tokens for d in table]
+
+
+def _up_to_date(out_dir: str, info: Mapping[str, Any]) -> bool:
+    """A complete derived dir built with exactly these settings (else it is rebuilt)."""
+    if not is_derived(out_dir):
+        return False
+    with open(os.path.join(out_dir, DONE), encoding="utf-8") as fh:
+        stored = json.load(fh)
+    return all(stored.get(k) == json.loads(json.dumps(v)) for k, v in info.items())
+
+
+def build_topk(data_dir: str, out_dir: str, doc_ids: list[int], scores: list[float], tokens: list[int],
+               fraction: float, seed: int, info: Mapping[str, Any]) -> str:
+    """Derived dir holding the top `fraction` of training tokens by score (each kept document once)."""
+    info = {**info, "fraction": float(fraction)}
+    if _up_to_date(out_dir, info):
+        return out_dir
+    keep = select_top_fraction(doc_ids, scores, tokens, fraction)
+    return write_derived(data_dir, out_dir, {d: 1 for d in keep}, seed, info)
+
+
+def build_static_mix(data_dir: str, out_dir: str, weights: Mapping[str, float], seed: int) -> str:
+    """Derived dir whose training split holds each domain's share of tokens given by `weights`."""
+    info = {"method": "static-mix", "weights": {k: float(v) for k, v in weights.items()}}
+    if _up_to_date(out_dir, info):
+        return out_dir
+    table = doc_table(data_dir)
+    total = sum(d.tokens for d in table)
+    counts = plan_mixture([(d.doc_id, d.domain, d.tokens) for d in table], weights, total, seed)
+    return write_derived(data_dir, out_dir, counts, seed, info)
+
+
+def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Proxy-model similarity of every training document to the anchor centroid (DESIGN 1.2, offline)."""
+    from adapt_pretrain.data.anchors import load_anchor_docs
+    from adapt_pretrain.methods.modelpass import document_embeddings, load_run_model
+
+    model = load_run_model(run_dir)
+    anchors = [d.tokens for d in load_anchor_docs(data_dir)][:num_anchors]
+    ids, toks, docs = [], [], []
+    for rec, arr in iter_train_records(data_dir):
+        ids.append(int(rec["doc_id"]))
+        toks.append(int(rec["n_tokens"]))
+        docs.append(arr.astype(np.int64))
+    anchor_emb = document_embeddings(model, anchors)
+    doc_emb = document_embeddings(model, docs, progress=progress)
+    scores = centroid_scores(doc_emb, anchor_emb)
+    seen = sum(min(len(d), model.seq_len) for d in docs) + sum(min(len(a), model.seq_len) for a in anchors)
+    return {"doc_ids": ids, "scores": [float(s) for s in scores], "tokens": toks, "embed_tokens": int(seen)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m adapt_pretrain.methods.offline",
+                                description="score training documents with a proxy run's embeddings")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--num-anchors", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    result = embed_scores(args.run, args.data, args.num_anchors)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(result, fh)
+    os.replace(tmp, args.out)
+    print(f"scored {len(result['doc_ids'])} documents -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Comparison results -> markdown tables (mean and std over seeds) and PNG plots.
+
+Numbers are per-domain held-out losses (nats/token, lower is better) from each run's eval; the
+spread is the sample standard deviation over seeds (ddof=1; 0 with one seed). Overheads are each
+method's total FLOPs over its training FLOPs (training FLOPs are equal across methods by design).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """method -> {seeds, domains: {d: (mean, std)}, averages: {seen/unseen/all: (mean, std)}, flops...}."""
+    by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_method[r["method"]].append(r)
+    out: dict[str, Any] = {}
+    for method, rs in by_method.items():
+        domains = sorted({d for r in rs for d in r["eval"]["domains"]})
+        avgs = sorted({a for r in rs for a in r["eval"]["averages"]})
+        out[method] = {
+            "seeds": sorted(int(r["seed"]) for r in rs),
+            "domains": {d: mean_std([r["eval"]["domains"][d]["loss"] for r in rs if d in r["eval"]["domains"]])
+                        for d in domains},
+            "averages": {a: mean_std([r["eval"]["averages"][a]["loss"] for r in rs if a in r["eval"]["averages"]])
+                         for a in avgs},
+            "flops_total": float(np.mean([r["flops"]["total"] for r in rs])),
+            "flops_training": float(np.mean([r["flops"]["training"] for r in rs])),
+            "overhead_ratio": float(np.mean([r["flops"]["overhead_ratio"] for r in rs])),
+            "train_seconds": float(np.mean([r.get("train_seconds", 0.0) for r in rs])),
+            "seen": sorted({d for r in rs for d in r["eval"].get("seen", [])}),
+        }
+    return out
+
+
+def _fmt(ms: tuple[float, float]) -> str:
+    return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+
+def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str = "uniform") -> str:
+    """Summary table (averages, deltas vs baseline, FLOPs) and per-domain table."""
+    methods = [m for m in order if m in agg]
+    if not methods:
+        return "_no finished runs_\n"
+    seen = sorted({d for m in methods for d in agg[m]["seen"]})
+    domains = sorted({d for m in methods for d in agg[m]["domains"]}, key=lambda d: (d not in seen, d))
+    base = agg.get(baseline)
+    lines = ["| method | seeds | avg seen | avg unseen | avg all | Δ seen vs uniform | Δ unseen vs uniform "
+             "| training FLOPs | total FLOPs | overhead | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in methods:
+        a = agg[m]
+        av = a["averages"]
+        get = lambda k: av.get(k, (math.nan, math.nan))  # noqa: E731
+        delta = lambda k: (f"{get(k)[0] - base['averages'][k][0]:+.3f}" if base and k in base["averages"] and k in av  # noqa: E731
+                           else "")
+        lines.append(f"| {m} | {len(a['seeds'])} | {_fmt(get('seen'))} | {_fmt(get('unseen'))} | {_fmt(get('all'))} "
+                     f"| {delta('seen')} | {delta('unseen')} | {a['flops_training']:.3g} "
+                     f"| {a['flops_total']:.3g} | {a['overhead_ratio']:.3f}x | {a['train_seconds']:.0f} |")
+    lines += ["", "Per-domain held-out loss (nats/token, mean ± std over seeds; * = anchor / seen domain):", "",
+              "| domain | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for d in domains:
+        cells = []
+        best = min(agg[m]["domains"][d][0] for m in methods if d in agg[m]["domains"])
+        for m in methods:
+            if d not in agg[m]["domains"]:
+                cells.append("")
+                continue
+            text = _fmt(agg[m]["domains"][d])
+            cells.append(f"**{text}**" if agg[m]["domains"][d][0] == best else text)
+        lines.append(f"| {d}{' *' if d in seen else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, list[tuple[list[int], list[float]]]],
+             out_dir: str, baseline: str = "uniform") -> list[str]:
+    """summary.png (seen/unseen/all bars with std), domain_delta.png (vs baseline), train_loss.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    methods = [m for m in order if m in agg]
+    paths = []
+    # 1. averages
+    fig, ax = plt.subplots(figsize=(9, 4))
+    groups = ["seen", "unseen", "all"]
+    width = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        means = [agg[m]["averages"].get(g, (np.nan, 0))[0] for g in groups]
+        stds = [agg[m]["averages"].get(g, (np.nan, 0))[1] for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, means, width, yerr=stds, capsize=3, label=m)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(methods) - 1) / 2, [f"avg {g}" for g in groups])
+    allv = [agg[m]["averages"][g][0] for m in methods for g in groups if g in agg[m]["averages"]]
+    if allv:
+        ax.set_ylim(min(allv) - 0.15, max(allv) + 0.1)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Held-out loss by domain group (mean ± std over seeds; lower is better)")
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "summary.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # 2. per-domain delta vs baseline
+    if baseline in agg:
+        seen = set(agg[baseline]["seen"])
+        domains = sorted(agg[baseline]["domains"], key=lambda d: (d not in seen, d))
+        others = [m for m in methods if m != baseline]
+        if others:
+            mat = np.array([[agg[m]["domains"].get(d, (np.nan, 0))[0] - agg[baseline]["domains"][d][0]
+                             for d in domains] for m in others])
+            lim = float(np.nanmax(np.abs(mat))) or 1.0
+            fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(domains), 1.2 + 0.45 * len(others)))
+            im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+            ax.set_xticks(range(len(domains)), [d + (" *" if d in seen else "") for d in domains], rotation=45, ha="right")
+            ax.set_yticks(range(len(others)), others)
+            for i in range(mat.shape[0]):
+                for j in range(mat.shape[1]):
+                    ax.text(j, i, f"{mat[i, j]:+.2f}", ha="center", va="center", fontsize=7)
+            fig.colorbar(im, ax=ax, label=f"loss − {baseline} loss")
+            ax.set_title(f"Per-domain held-out loss vs {baseline} (blue = better; * = anchor domain)")
+            fig.tight_layout()
+            paths.append(os.path.join(out_dir, "domain_delta.png"))
+            fig.savefig(paths[-1], dpi=110)
+            plt.close(fig)
+    # 3. training loss curves (unweighted mean loss of the training batches, mean over seeds)
+    if curves:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for m in methods:
+            runs = [c for c in curves.get(m, []) if c[0]]
+            if not runs:
+                continue
+            n = min(len(c[1]) for c in runs)
+            y = np.mean([c[1][:n] for c in runs], axis=0)
+            k = max(1, n // 50)
+            y = np.convolve(y, np.ones(k) / k, mode="valid")
+            ax.plot(runs[0][0][: len(y)], y, label=m)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (unweighted, own training data)")
+        ax.set_title("Training loss (smoothed; offline methods train on a different set)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "train_loss.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def update_marked_block(path: str, block: str, title: str = "# Results") -> None:
+    """Replace the text between the compare markers of `path` (create the file if needed), keeping the rest."""
+    body = f"{BEGIN}\n{block.rstrip()}\n{END}"
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+        if BEGIN in text and END in text:
+            text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: body, text, count=1, flags=re.S)
+        else:
+            text = text.rstrip() + "\n\n" + body + "\n"
+    else:
+        text = f"{title}\n\n{body}\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
