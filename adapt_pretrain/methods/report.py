@@ -124,7 +124,7 @@ def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, 
             mat = np.array([[agg[m]["domains"].get(d, (np.nan, 0))[0] - agg[baseline]["domains"][d][0]
                              for d in domains] for m in others])
             lim = float(np.nanmax(np.abs(mat))) or 1.0
-            fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(domains), 1.2 + 0.45 * len(others)))
+            fig, ax = plt.subplots(figsize=(max(7.0, 2.0 + 0.8 * len(domains)), 2.0 + 0.45 * len(others)))
             im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
             ax.set_xticks(range(len(domains)), [d + (" *" if d in seen else "") for d in domains], rotation=45, ha="right")
             ax.set_yticks(range(len(others)), others)
@@ -132,7 +132,7 @@ def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, 
                 for j in range(mat.shape[1]):
                     ax.text(j, i, f"{mat[i, j]:+.2f}", ha="center", va="center", fontsize=7)
             fig.colorbar(im, ax=ax, label=f"loss − {baseline} loss")
-            ax.set_title(f"Per-domain held-out loss vs {baseline} (blue = better; * = anchor domain)")
+            ax.set_title(f"Per-domain held-out loss vs {baseline} (blue = better; * = anchor domain)", fontsize=9)
             fig.tight_layout()
             paths.append(os.path.join(out_dir, "domain_delta.png"))
             fig.savefig(paths[-1], dpi=110)
