@@ -82,6 +82,8 @@ def iter_raw_samples(data: bytes, name: str, skips: SkipCounter) -> Iterator[dic
                 current = {"__key__": key}
             current[ext] = member["data"]
     except Exception as exc:  # tarfile.ReadError, EOFError, ... from a truncated or garbled tar
+        if current is not None and "tokens" in current and "json" in current:
+            yield current  # fully read before the damage; decode_sample still validates it
         skips.bad("shard_corrupt", name, last_key, f"{type(exc).__name__}: {exc} (rest of shard skipped)")
         return
     if current is not None:
