@@ -79,7 +79,8 @@ def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
             R.prepare_run_dir(proxy)
             R.run_logged(R.train_command(proxy), os.path.join(proxy.run_dir, "train.log"), env)
             R.run_logged([sys.executable, "-m", "adapt_pretrain.methods.offline", "--run", proxy.run_dir,
-                          "--data", cfg.data_dir, "--num-anchors", str(num_anchors), "--out", scores_path],
+                          "--data", cfg.data_dir, "--num-anchors", str(num_anchors), "--out", scores_path,
+                          *(["--prefix", str(cfg.selection.embed_prefix)] if cfg.selection.embed_prefix else [])],
                          os.path.join(proxy.run_dir, "score.log"), env)
             R.write_json(os.path.join(proxy.run_dir, "done.json"), proxy.fingerprint)
         scored = R.read_json(scores_path)

@@ -106,12 +106,13 @@ def token_losses(model: LoadedModel, windows: np.ndarray, batch_size: int = 16) 
 
 @torch.no_grad()
 def document_embeddings(model: LoadedModel, docs: Sequence[np.ndarray], batch_size: int = 32,
-                        progress: bool = False) -> np.ndarray:
-    """Position-weighted pooled final hidden states of each document's first seq_len tokens [N, H]
-    (DESIGN 1.2's group embedding, one group per document; not normalised)."""
+                        progress: bool = False, max_tokens: int | None = None) -> np.ndarray:
+    """Position-weighted pooled final hidden states of each document's first tokens [N, H]
+    (DESIGN 1.2's group embedding, one group per document; not normalised). At most
+    `max_tokens` (default and cap: seq_len) tokens per document are embedded."""
     from tqdm import tqdm
 
-    s = model.seq_len
+    s = min(max_tokens or model.seq_len, model.seq_len)
     chunks: list[np.ndarray] = []
     for i in tqdm(range(0, len(docs), batch_size), desc="embedding documents", disable=not progress):
         batch = docs[i: i + batch_size]

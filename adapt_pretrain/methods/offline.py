@@ -59,7 +59,8 @@ def build_static_mix(data_dir: str, out_dir: str, weights: Mapping[str, float], 
     return write_derived(data_dir, out_dir, counts, seed, info)
 
 
-def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, progress: bool = True) -> dict[str, Any]:
+def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, prefix: int | None = None,
+                 progress: bool = True) -> dict[str, Any]:
     """Proxy-model similarity of every training document to the anchor centroid (DESIGN 1.2, offline)."""
     from adapt_pretrain.data.anchors import load_anchor_docs
     from adapt_pretrain.methods.modelpass import document_embeddings, load_run_model
@@ -71,10 +72,11 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
         ids.append(int(rec["doc_id"]))
         toks.append(int(rec["n_tokens"]))
         docs.append(arr.astype(np.int64))
-    anchor_emb = document_embeddings(model, anchors)
-    doc_emb = document_embeddings(model, docs, progress=progress)
+    cut = min(prefix or model.seq_len, model.seq_len)
+    anchor_emb = document_embeddings(model, anchors, max_tokens=cut)
+    doc_emb = document_embeddings(model, docs, max_tokens=cut, progress=progress)
     scores = centroid_scores(doc_emb, anchor_emb)
-    seen = sum(min(len(d), model.seq_len) for d in docs) + sum(min(len(a), model.seq_len) for a in anchors)
+    seen = sum(min(len(d), cut) for d in docs) + sum(min(len(a), cut) for a in anchors)
     return {"doc_ids": ids, "scores": [float(s) for s in scores], "tokens": toks, "embed_tokens": int(seen)}
 
 
@@ -84,9 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--num-anchors", type=int, default=None)
+    p.add_argument("--prefix", type=int, default=None, help="embed only the first N tokens of each document")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    result = embed_scores(args.run, args.data, args.num_anchors)
+    result = embed_scores(args.run, args.data, args.num_anchors, args.prefix)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(result, fh)

@@ -27,6 +27,7 @@ class SelectionConfig:
     fraction: float = 0.25
     proxy_steps: int = 100
     proxy_seed: int = 0
+    embed_prefix: Optional[int] = None  # tokens of each document the proxy embeds (None: seq_len)
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.fraction) <= 1.0:
@@ -86,7 +87,8 @@ class CompareConfig:
         if variant and variant.startswith("topk-"):
             info.update(method=variant, fraction=float(self.selection.fraction))
             if variant == "topk-embed":
-                info.update(proxy_steps=int(self.selection.proxy_steps), proxy_seed=int(self.selection.proxy_seed))
+                info.update(proxy_steps=int(self.selection.proxy_steps), proxy_seed=int(self.selection.proxy_seed),
+                            embed_prefix=self.selection.embed_prefix)
         elif variant == "static-mix":
             info.update(method=variant, weights=dict(self.static_mix["weights"]))
         return info
