@@ -165,6 +165,8 @@ def prepare(cfg: PrepareConfig) -> str:
     t0 = time.time()
     _prepare_out_dir(cfg)
     tok = _get_tokenizer(cfg)
+    t_tok = time.time()
+    log.info("tokenizer ready in %.1fs", t_tok - t0)
     tok_path = os.path.join(cfg.out_dir, "tokenizer.json")
     tok.save(tok_path)
     vocab = tok.get_vocab_size()
@@ -246,6 +248,8 @@ def prepare(cfg: PrepareConfig) -> str:
         anchor_file.close()
 
     all_files = [sf for w in writers.values() for sf in w.done] + ([anchor_file] if anchor_file else [])
+    t_shards = time.time()
+    log.info("tokenised and wrote shards in %.1fs", t_shards - t_tok)
     bm25_info: dict[str, Any] = {"enabled": False}
     if cfg.bm25:
         bm25_info = _bm25_pass(cfg, all_files, df, num_docs, total_tokens, [a[1] for a in anchors], dtype, vocab, domains)
@@ -263,7 +267,8 @@ def prepare(cfg: PrepareConfig) -> str:
         "bm25": bm25_info,
         "skipped": skips.as_dict(),
         "prepare": {"inputs": cfg.inputs, "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
-                    "vocab_size": cfg.vocab_size, "seed": cfg.seed, "seconds": round(time.time() - t0, 2)},
+                    "vocab_size": cfg.vocab_size, "seed": cfg.seed, "seconds": round(time.time() - t0, 2),
+                    "seconds_tokenizer": round(t_tok - t0, 2), "seconds_shards": round(t_shards - t_tok, 2)},
     }
     path = write_manifest(cfg.out_dir, raw)
     n_skip = sum(skips.as_dict().values())
@@ -290,8 +295,6 @@ def _bm25_pass(cfg: PrepareConfig, files: list[ShardFile], df: np.ndarray, num_d
         if runner:
             runner.close()
             runner.join()
-    for sf in files:  # counts unchanged; checksums are taken afterwards by _shard_entry
-        pass
     return {"enabled": True, "k1": cfg.bm25_k1, "b": cfg.bm25_b, "raw_mean": mean, "raw_std": std,
             "num_anchors": len(anchors), "zscored_over": "all train+val documents"}
 

@@ -189,6 +189,8 @@ class DataStream:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
+        if cfg.mode == "finite" and self.consumed >= (self.batches_per_epoch() or 0):
+            self._finish_epoch()  # the previous epoch was consumed to its last batch without exhausting iter()
         # workers restart their skip counters at zero: fold what they reported so far into the base
         for w in range(self.W):
             self.skip_base[w] = add_counts(self.skip_base[w], self.worker_skips[w])

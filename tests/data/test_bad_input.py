@@ -158,14 +158,14 @@ def test_malformed_samples_and_out_of_vocab_ids(damaged):
 
 def test_skip_counts_survive_resume_without_double_counting(damaged):
     _rewrite_with_bad_samples(damaged)
-    n = DataStream(_cfg(damaged)).batches_per_epoch() + 30  # past one epoch: the bad shard is read
-    full = DataStream(_cfg(damaged, mode="infinite"))
+    n = DataStream(_cfg(damaged, seq_len=256)).batches_per_epoch() + 10  # past one epoch: the bad shard is read
+    full = DataStream(_cfg(damaged, mode="infinite", seq_len=256))
     take(full, n)
     assert _nonzero(full.stats()) == {"malformed_sample": 4, "token_out_of_vocab": 1}
-    for stop in (37, n - 40):
-        ds = DataStream(_cfg(damaged, mode="infinite"))
+    for stop in (13, n - 12):
+        ds = DataStream(_cfg(damaged, mode="infinite", seq_len=256))
         take(ds, stop)
-        again = DataStream(_cfg(damaged, mode="infinite"))
+        again = DataStream(_cfg(damaged, mode="infinite", seq_len=256))
         again.load_state_dict(ds.state_dict())
         take(again, n - stop)
         assert _nonzero(again.stats()) == _nonzero(full.stats())

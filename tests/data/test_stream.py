@@ -192,3 +192,15 @@ def test_anchor_batches_sharded_over_ranks(prepared):
                 want = np.concatenate([toks, [man.eos_id]])[:32]
                 np.testing.assert_array_equal(b["tokens"][sel].numpy(), want[: int(sel.sum())])
                 assert int(sel.sum()) == min(32, len(toks))  # truncated to seq_len; one group per anchor
+
+
+def test_finite_epoch_consumed_exactly_then_next_iter_is_next_epoch(prepared):
+    c = cfg(prepared, mode="finite", num_workers=1, dp_size=1)
+    ref = DataStream(c)
+    n = ref.batches_per_epoch()
+    ep0, ep1 = take(ref), take(ref, 3)
+    ds = DataStream(c)
+    first = take(ds, n)  # stop right after the last batch without exhausting the iterator
+    again = take(ds, 3)
+    assert all(same(a, b) for a, b in zip(first + again, ep0 + ep1)) and len(again) == 3
+    assert ds.stats()["epoch"] == 1
