@@ -181,10 +181,24 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40)
         last_step = max(run.steps) if run.steps else x_edges[-1]
         ax.set_xlim(x_edges[0], max(x_edges[-1], last_step))
         fig.colorbar(mesh, ax=ax, label="fraction of groups")
-        x, y = run.series("adapt/weight_p50")
-        if x.size:
-            ax.plot(x, y, color="w", lw=0.8, label="median")
+        # quantile lines (from the same histograms) and the exact min/max, logged every step
+        for key, style, color, label in (("p50", "-", "w", "median"), ("p05", ":", "w", "p05 / p95"),
+                                         ("p95", ":", "w", None), ("min", "--", "orange", "min / max"),
+                                         ("max", "--", "orange", None)):
+            x, y = run.series(f"adapt/weight_{key}")
+            if x.size:
+                ax.plot(x, y, style, color=color, lw=0.8, label=label)
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")
+        # zoom onto the populated bins (weights often live in a narrow band early in training)
+        populated = mat.sum(axis=1) > 0
+        lo_i, hi_i = np.argmax(populated), len(populated) - np.argmax(populated[::-1])
+        _, w_min = run.series("adapt/weight_min")
+        _, w_max = run.series("adapt/weight_max")
+        y_lo = min([grid[lo_i]] + ([w_min.min()] if w_min.size else []))
+        y_hi = max([grid[hi_i]] + ([w_max.max()] if w_max.size else []))
+        pad = 0.05 * max(y_hi - y_lo, 1e-6)
+        ax.set_ylim(max(grid[0], y_lo - pad), min(grid[-1], y_hi + pad))
         ax.set(title=f"{run.name}: weight distribution over steps", xlabel="step", ylabel="weight")
     return _save(fig, out_dir, "weight_heatmap")
 

@@ -49,7 +49,7 @@ class StatsLayout:
     """
 
     num_domains: int
-    num_bins: int = 32
+    num_bins: int = 64
     weight_range: tuple[float, float] = (0.0, 1.0)
     score_range: tuple[float, float] = (-1.0, 1.0)
 
