@@ -15,6 +15,7 @@ from adapt_pretrain.monitor import WandbConfig, read_metrics
 from adapt_pretrain.monitor.wandb_reader import (
     BLOCK_SIZE, FIRST, FULL, LAST, MIDDLE, WandbFileError, find_run_file, iter_chunks, read_complete_run, read_run,
 )
+from adapt_pretrain.monitor.verify import verify_wandb_mirror
 from tests.monitor.synthetic import write_synthetic_run
 
 
@@ -135,3 +136,16 @@ def test_real_wandb_offline_roundtrip_equals_metrics_jsonl(tmp_path, monkeypatch
     assert n_scalars > 60 * 30 and n_hists == 2 * 12 and n_tables == 3
     assert run.config["adapt"] == {"enabled": True, "tau": 0.25} and run.config["seed"] == 0
     assert "curriculum/mean_weight_table" in run.history[59]  # the multi-line curriculum chart
+    # the packaged checker agrees, and notices a difference
+    check = verify_wandb_mirror(run_dir)
+    assert check.ok and check.steps == 60 and check.values == n_scalars + n_hists + n_tables + 6, check.mismatches
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    lines = [json.loads(x) for x in open(metrics)]
+    for line in lines:
+        if line.get("step") == 7 and "scalars" in line:
+            line["scalars"]["loss/mean"] = -1.0
+    with open(metrics, "w") as fh:
+        fh.write("".join(json.dumps(x) + "\n" for x in lines if x.get("step") != 8))
+    bad = verify_wandb_mirror(run_dir)
+    assert not bad.ok and any("step 7 loss/mean" in m for m in bad.mismatches)
+    assert any("step 8: in W&B but not in metrics.jsonl" in m for m in bad.mismatches)
