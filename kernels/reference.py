@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import torch
 
-# Elements per row chunk: 2^19 fp32 = 2 MiB, about one core's L2 here; measured fastest on CPU.
-CHUNK_ELEMS = 1 << 19
+# Row chunks: at least CHUNK_ELEMS elements (4 MiB fp32, cache-sized) and at most MAX_CHUNKS of
+# them. Every chunk op is an OpenMP parallel region; on a busy 2-core machine each region's
+# barrier costs milliseconds, so bounding the number of chunks matters more than cache fit.
+CHUNK_ELEMS = 1 << 20
+MAX_CHUNKS = 16
 
 
 def _row_chunks(num_rows: int, num_cols: int):
-    step = max(1, CHUNK_ELEMS // max(1, num_cols))
+    step = max(1, -(-num_rows // MAX_CHUNKS), CHUNK_ELEMS // max(1, num_cols))
     for start in range(0, num_rows, step):
         yield start, min(num_rows, start + step)
 

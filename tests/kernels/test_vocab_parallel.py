@@ -8,6 +8,7 @@ rank's losses and the concatenated shard gradients equal the single-process full
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -33,7 +34,9 @@ def _shard_run(rank: int, world_size: int, splits: list[int], kind: str):
     for dtype, backend, inplace in VARIANTS:
         shard = case.logits[:, start:start + splits[rank]].to(dtype)
         if backend == "triton":
-            os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import in this process
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                assert "triton" not in sys.modules, "triton was imported before the interpreter was set"
+                os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import here
             from adapt_pretrain.kernels import triton_ce
 
             triton_ce.MAX_BLOCK_V = 16  # several blocks per shard, last one partial

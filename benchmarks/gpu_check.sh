@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU check for the kernels (<= 8 min on one NVIDIA GPU): install what the kernels need, run the
+# kernel tests with CUDA tensors (the Triton kernels compiled, not interpreted), run the loss
+# benchmark in fp32 and bf16, print a summary. Usage: bash benchmarks/gpu_check.sh
+# Env: GPU_CHECK_VENV (default .venv-gpu; set GPU_CHECK_VENV=none to use the current python).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$(date +%s)
+LOG_DIR=${GPU_CHECK_LOGS:-gpu_check_logs}
+mkdir -p "$LOG_DIR"
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
+  || { echo "gpu_check: no NVIDIA GPU (nvidia-smi missing)"; exit 2; }
+
+VENV=${GPU_CHECK_VENV:-.venv-gpu}
+if [ "$VENV" != none ]; then
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  # shellcheck disable=SC1091
+  . "$VENV/bin/activate"
+fi
+PY=python
+
+# Only what the kernel tests and the benchmark import: the CUDA build of torch 2.13.0 pins
+# triton 3.7.1. --no-deps on the package itself skips the training stack (megatron, deepspeed).
+if ! $PY -c "import torch, triton, pytest, numpy; assert torch.__version__.startswith('2.13.0') and torch.cuda.is_available()" 2>/dev/null; then
+  timeout 300 $PY -m pip install -q torch==2.13.0 triton==3.7.1 "pytest>=7" "hypothesis>=6" numpy \
+    || { echo "gpu_check: install failed"; exit 3; }
+fi
+timeout 60 $PY -m pip install -q --no-deps -e . || { echo "gpu_check: pip install -e . failed"; exit 3; }
+# Liger-Kernel is optional (benchmark comparison only); --no-deps keeps our torch pin.
+timeout 60 $PY -m pip install -q --no-deps liger-kernel >/dev/null 2>&1 || echo "gpu_check: liger-kernel not installed (optional)"
+$PY -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit 3
+
+# Compiled run: with CUDA present the "triton" test cases use CUDA tensors and the interpreter
+# suite is skipped; TRITON_INTERPRET must not be set here.
+unset TRITON_INTERPRET ADAPT_KERNELS_FORCE_TRITON
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/kernels -rs 2>&1 | tee "$LOG_DIR/tests.log"
+TEST_RC=${PIPESTATUS[0]}
+
+BENCH_RC=0
+for DT in bf16 fp32; do
+  timeout 120 $PY benchmarks/bench_loss.py --device cuda --dtype "$DT" --reps 10 \
+    --json "$LOG_DIR/bench_$DT.json" 2>&1 | tee "$LOG_DIR/bench_$DT.log"
+  rc=${PIPESTATUS[0]}; [ "$rc" -gt 1 ] && BENCH_RC=$rc  # 1 = ran, ratio target not met
+done
+
+echo "================ gpu_check summary ($(( $(date +%s) - START ))s) ================"
+echo "kernel tests (compiled): $(tail -n 1 "$LOG_DIR/tests.log")  [rc=$TEST_RC]"
+for DT in bf16 fp32; do
+  echo "--- bench $DT"; grep -E "^(variant|plain|adapt|liger|target)" "$LOG_DIR/bench_$DT.log" || echo "(no output)"
+done
+[ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
