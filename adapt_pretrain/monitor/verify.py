@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapt_pretrain.monitor.monitor import read_metrics
-from adapt_pretrain.monitor.wandb_reader import find_run_file, read_complete_run
+from adapt_pretrain.monitor.wandb_reader import find_run_file, read_complete_run, read_run
 
 
 @dataclass
@@ -22,6 +22,7 @@ class MirrorCheck:
     """Outcome: how much was compared and every difference found (empty `mismatches` = equal)."""
 
     wandb_file: str
+    complete: bool = True  # False: the W&B log had no exit record (run killed); only its steps were compared
     steps: int = 0
     values: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -45,12 +46,25 @@ def _close(a: Any, b: Any, rel: float) -> bool:
     return a == b
 
 
-def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12) -> MirrorCheck:
-    """Compare metrics.jsonl with the newest `.wandb` file under run_dir (waits for it to be closed)."""
+def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12,
+                        allow_incomplete: bool = False) -> MirrorCheck:
+    """Compare metrics.jsonl with the newest `.wandb` file under run_dir (waits up to `timeout` for it
+    to be closed). allow_incomplete: for a killed run, compare the steps W&B has and ignore the
+    local tail that never reached W&B's file."""
     path = find_run_file(run_dir)
-    run = read_complete_run(path, timeout=timeout)
+    if allow_incomplete:
+        run = read_run(path, strict=False)
+    else:
+        run = read_complete_run(path, timeout=timeout)
     steps, events = read_metrics(run_dir)
-    check = MirrorCheck(path)
+    check = MirrorCheck(path, complete=run.complete)
+    local_steps = set(steps) | {ev["step"] for ev in events if ev.get("step") is not None}
+    for step in sorted(set(run.history) - local_steps):
+        check.mismatches.append(f"step {step}: in W&B but not in metrics.jsonl")
+    if not run.complete and run.history:
+        last = max(run.history)
+        steps = {s: line for s, line in steps.items() if s < last}  # the last W&B row may be partial
+        events = [ev for ev in events if ev.get("step") is not None and ev["step"] < last]
     files_dir = os.path.join(os.path.dirname(path), "files")
     for step, line in steps.items():
         row = run.history.get(step)
@@ -80,9 +94,6 @@ def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12)
                 continue
             if not _close(got_rows, rows, rel):
                 check.mismatches.append(f"step {step} {key}: table differs")
-    local_steps = set(steps) | {ev["step"] for ev in events if ev.get("step") is not None}
-    for step in sorted(set(run.history) - local_steps):
-        check.mismatches.append(f"step {step}: in W&B but not in metrics.jsonl")
     for ev in events:
         if ev.get("event") == "wandb_disabled":
             check.mismatches.append(f"W&B was disabled during the run: {ev.get('fields')}")
@@ -99,12 +110,14 @@ def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12)
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    allow = "--allow-incomplete" in argv
+    argv = [a for a in argv if a != "--allow-incomplete"]
     if len(argv) != 1:
-        print("usage: python -m adapt_pretrain.monitor.verify RUN_DIR", file=sys.stderr)
+        print("usage: python -m adapt_pretrain.monitor.verify RUN_DIR [--allow-incomplete]", file=sys.stderr)
         return 2
-    check = verify_wandb_mirror(argv[0])
+    check = verify_wandb_mirror(argv[0], allow_incomplete=allow)
     print(f"{check.wandb_file}: {check.steps} steps, {check.values} values compared, "
-          f"{len(check.mismatches)} mismatches")
+          f"{len(check.mismatches)} mismatches{'' if check.complete else ' (W&B log incomplete: run killed?)'}")
     for m in check.mismatches[:20]:
         print("  " + m)
     return 0 if check.ok else 1

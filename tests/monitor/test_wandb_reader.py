@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import zlib
 
@@ -139,6 +140,14 @@ def test_real_wandb_offline_roundtrip_equals_metrics_jsonl(tmp_path, monkeypatch
     # the packaged checker agrees, and notices a difference
     check = verify_wandb_mirror(run_dir)
     assert check.ok and check.steps == 60 and check.values == n_scalars + n_hists + n_tables + 6, check.mismatches
+    # a killed run: no exit record; compare what W&B's file holds
+    killed = str(tmp_path / "killed")
+    shutil.copytree(run_dir, killed, symlinks=True)
+    wb_file = find_run_file(killed)
+    with open(wb_file, "r+b") as fh:
+        fh.truncate(os.path.getsize(wb_file) - 3000)
+    part = verify_wandb_mirror(killed, allow_incomplete=True)
+    assert part.ok and not part.complete and 0 < part.steps < 60, part
     metrics = os.path.join(run_dir, "metrics.jsonl")
     lines = [json.loads(x) for x in open(metrics)]
     for line in lines:
