@@ -107,12 +107,18 @@ def _barrier() -> None:
 class Trainer:
     """One training run on this rank. `run()` executes it; everything is built in `__init__`."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, resume: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, env: DistEnv, resume: str | None = None, setup: bool = True) -> None:
+        """setup=False reuses the megatron layout already set up (the benchmark builds two trainers)."""
         from adapt_pretrain.core.engine import AdaptEngine
-        from adapt_pretrain.megatron import build_model, build_optimizer, setup_parallel, TrainStep
+        from adapt_pretrain.megatron import TrainStep, build_model, build_optimizer, parallel_info, setup_parallel
 
         self.cfg, self.env = cfg, env
-        self.info = setup_parallel(cfg.parallel, cfg.train.seed)
+        if setup:
+            self.info = setup_parallel(cfg.parallel, cfg.train.seed)
+        else:
+            torch.manual_seed(cfg.train.seed)  # same initial weights as a fresh setup would give
+            self.info = parallel_info()
+        self._last_lr = 0.0
         self.layout = cfg.layout(self.info.world_size)
         self.num_microbatches = self.layout["num_microbatches"]
         self.run_dir = cfg.train.run_dir
@@ -234,34 +240,44 @@ class Trainer:
         self.monitor.log_event(step, "anchor_refresh", **fields)
         return elapsed
 
+    def step_once(self) -> tuple[float, float, float]:
+        """Run the next step (anchor refresh first when due), log it, update counters.
+
+        Returns (loss, step seconds, anchor-refresh seconds). Used by `run` and by the benchmark,
+        which interleaves two trainers step by step.
+        """
+        step = self.state.step
+        refresh_s = 0.0
+        if self.engine.needs_anchor_refresh(step):
+            refresh_s = self._refresh_anchors(step)
+        t0 = time.perf_counter()
+        micro = self._next_micro_batches()
+        out = self.step_fn(step, micro)
+        step_s = time.perf_counter() - t0
+        loss = float(out.loss)
+        self._handle_nonfinite(step, out, loss)
+        self.state.step += 1
+        self.state.consumed_samples += self.layout["dp"] * self.num_microbatches * self.cfg.train.micro_batch_size
+        self.state.tokens += int(out.num_tokens or 0)
+        self._log_step(step, out, loss, step_s, refresh_s)
+        self._last_lr = float(out.lr)
+        return loss, step_s, refresh_s
+
     def run(self) -> RunResult:
         cfg = self.cfg.train
         end = min(cfg.steps, cfg.stop_at_step or cfg.steps)
         result = RunResult(steps_run=0, final_step=self.state.step, run_dir=self.run_dir)
         bar = self._progress_bar(self.state.step, end)
-        tokens_per_step = self.layout["dp"] * self.num_microbatches * cfg.micro_batch_size * self.cfg.model.seq_len
         try:
             while self.state.step < end:
-                step = self.state.step
-                refresh_s = 0.0
-                if self.engine.needs_anchor_refresh(step):
-                    refresh_s = self._refresh_anchors(step)
-                    result.anchor_refresh_times.append(refresh_s)
-                t0 = time.perf_counter()
-                micro = self._next_micro_batches()
-                out = self.step_fn(step, micro)
-                step_s = time.perf_counter() - t0
-                loss = float(out.loss)
-                self._handle_nonfinite(step, out, loss)
-                self.state.step += 1
-                self.state.consumed_samples += self.layout["dp"] * self.num_microbatches * cfg.micro_batch_size
-                self.state.tokens += int(out.num_tokens) if out.num_tokens is not None else 0
+                loss, step_s, refresh_s = self.step_once()
                 result.losses.append(loss)
                 result.step_times.append(step_s + refresh_s)
+                if refresh_s:
+                    result.anchor_refresh_times.append(refresh_s)
                 result.steps_run += 1
-                self._log_step(step, out, loss, step_s, refresh_s, tokens_per_step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(out.lr):.2e}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._last_lr:.2e}", refresh=False)
                     bar.update(1)
                 if cfg.checkpoint_interval and self.state.step % cfg.checkpoint_interval == 0:
                     self.save()
@@ -298,13 +314,13 @@ class Trainer:
                 f"(train.max_nonfinite_in_row={limit}). Lower optim.lr, raise optim.warmup_steps, check the data, "
                 f"or resume from the last checkpoint in {self.ckpt_root}.")
 
-    def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float,
-                  tokens_per_step: int) -> None:
+    def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float) -> None:
         from adapt_pretrain.monitor import finalize, partial_stats
 
         scalars: dict[str, float] = {
             "loss": loss, "lr": float(out.lr), "train/step_time_s": step_s, "train/anchor_refresh_s": refresh_s,
-            "train/tokens_per_s": tokens_per_step / max(step_s, 1e-9), "train/skipped_steps": self.state.skipped_steps,
+            "train/tokens_per_s": float(out.num_tokens or 0) / max(step_s, 1e-9),
+            "train/skipped_steps": self.state.skipped_steps, "train/tokens": self.state.tokens,
             "train/consumed_samples": self.state.consumed_samples,
         }
         if out.grad_norm is not None and math.isfinite(float(out.grad_norm)):
