@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Optional
 
-from adapt_pretrain.data.config import DataError
+from adapt_pretrain.data.config import DataError, resolve_dp
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, anchor_collate
 from adapt_pretrain.data.shardio import read_shard
@@ -36,12 +36,7 @@ def anchor_batches(data_dir: str, seq_len: int, micro_batch_size: int, dp_rank: 
 
     dp_rank / dp_size default to torch.distributed's (or 0 / 1); num_anchors keeps the first n.
     """
-    if dp_rank is None or dp_size is None:
-        from adapt_pretrain.data.config import DataConfig  # reuse its torch.distributed lookup
-        r, n = DataConfig.resolved_dp(type("C", (), {"dp_rank": dp_rank, "dp_size": dp_size})())  # type: ignore[arg-type]
-        dp_rank, dp_size = r, n
-    if not 0 <= dp_rank < dp_size:
-        raise DataError(f"anchor_batches: dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+    dp_rank, dp_size = resolve_dp(dp_rank, dp_size)
     man = Manifest.load(data_dir)
     docs = load_anchor_docs(data_dir, strict)
     if num_anchors is not None:

@@ -11,14 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def doc_freq(token_lists: list[np.ndarray], vocab_size: int) -> np.ndarray:
-    """Number of documents containing each token id."""
-    df = np.zeros(vocab_size, dtype=np.int64)
-    for toks in token_lists:
-        df[np.unique(toks)] += 1
-    return df
-
-
 @dataclass
 class BM25Scorer:
     idf: np.ndarray          # [V] float64

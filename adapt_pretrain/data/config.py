@@ -27,6 +27,26 @@ def _int(section: str, name: str, value: Any, minimum: int) -> int:
     return value
 
 
+def resolve_dp(rank: Optional[int], size: Optional[int]) -> tuple[int, int]:
+    """Data-parallel (rank, size): given values win, else torch.distributed's, else (0, 1).
+
+    With tensor/pipeline parallelism the global rank is not the data-parallel rank: pass both.
+    """
+    if rank is None or size is None:
+        try:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                rank = dist.get_rank() if rank is None else rank
+                size = dist.get_world_size() if size is None else size
+        except ImportError:  # pragma: no cover
+            pass
+    rank = 0 if rank is None else rank
+    size = 1 if size is None else size
+    if not 0 <= rank < size:
+        raise ConfigError(f"data-parallel rank {rank} must be in [0, {size})")
+    return rank, size
+
+
 @dataclass
 class PrepareConfig:
     """Settings of `prepare` (raw corpora -> tokenizer, WebDataset shards, manifest, anchors).
@@ -174,20 +194,7 @@ class DataConfig:
 
     def resolved_dp(self) -> tuple[int, int]:
         """(rank, size) from the config, else from torch.distributed when initialised, else (0, 1)."""
-        rank, size = self.dp_rank, self.dp_size
-        if rank is None or size is None:
-            try:
-                import torch.distributed as dist
-                if dist.is_available() and dist.is_initialized():
-                    rank = dist.get_rank() if rank is None else rank
-                    size = dist.get_world_size() if size is None else size
-            except ImportError:  # pragma: no cover
-                pass
-        rank = 0 if rank is None else rank
-        size = 1 if size is None else size
-        if rank >= size:
-            raise ConfigError(f"data.dp_rank={rank} must be < dp_size={size}")
-        return rank, size
+        return resolve_dp(self.dp_rank, self.dp_size)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":

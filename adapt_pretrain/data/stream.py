@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 from typing import Any, Iterator, Optional
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapt_pretrain.data import plan

@@ -14,7 +14,7 @@ from adapt_pretrain.data.shardio import sha256_file
 from adapt_pretrain.data.skips import KINDS
 from webdataset.writer import TarWriter
 
-from .test_stream import source_docs, take
+from .test_stream import take
 
 
 @pytest.fixture()
