@@ -98,14 +98,17 @@ def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def ema(y: np.ndarray, alpha: float) -> np.ndarray:
-    """Exponential moving average (alpha = weight of the past); 0 returns y unchanged."""
+def ema(y: np.ndarray, alpha: float, x: np.ndarray | None = None) -> np.ndarray:
+    """Exponential moving average with factor `alpha` per step; with `x` (steps) the decay is
+    alpha ** (step gap), so a domain seen only every few steps is not dragged behind the others."""
     if alpha <= 0 or y.size == 0:
         return y
+    gaps = np.ones_like(y) if x is None else np.diff(np.asarray(x, dtype=float), prepend=x[0])
     out = np.empty_like(y)
     acc = y[0]
-    for i, v in enumerate(y):
-        acc = alpha * acc + (1 - alpha) * v
+    for i, (v, gap) in enumerate(zip(y, gaps)):
+        keep = alpha ** gap
+        acc = keep * acc + (1 - keep) * v
         out[i] = acc
     return out
 
@@ -115,7 +118,7 @@ def _line(ax: Any, x: np.ndarray, y: np.ndarray, smooth: float, fmt: str = "-", 
     if smooth > 0:
         line, = ax.plot(x, y, fmt, alpha=0.2, lw=0.8, color=kw.get("color"))
         kw.setdefault("color", line.get_color())
-        ax.plot(x, ema(y, smooth), fmt, **kw)
+        ax.plot(x, ema(y, smooth, x), fmt, **kw)
     else:
         ax.plot(x, y, fmt, **kw)
 

@@ -67,6 +67,7 @@ def test_smoothing_option(runs, tmp_path):
     from adapt_pretrain.monitor.report import ema
 
     np.testing.assert_allclose(ema(np.array([1.0, 0.0, 0.0]), 0.5), [1.0, 0.5, 0.25])
+    np.testing.assert_allclose(ema(np.array([1.0, 0.0]), 0.5, np.array([0, 2])), [1.0, 0.25])  # decays per step
     assert main([runs[0], runs[1], "--out", str(tmp_path / "s"), "--smooth", "0.9"]) == 0
     _assert_real_image(str(tmp_path / "s" / "curriculum.png"))
     with pytest.raises(SystemExit):
