@@ -320,6 +320,23 @@ def map_deepspeed_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 # ----- files and overrides ------------------------------------------------------------------------
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`; nobody writes that)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", __import__("re").X),
+    list("-+0123456789."))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` -> (["section", "key"], parsed value). Values are YAML scalars/lists."""
     if "=" not in text:
@@ -329,7 +346,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) < 2 or any(not p for p in parts):
         raise ConfigError(f"override {text!r}: the key must be dotted, section.key (e.g. adapt.enabled=true)")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = _yaml(value) if value.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: cannot parse the value: {exc}") from None
     return parts, parsed
@@ -363,7 +380,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:
-        raw = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        raw = json.loads(text) if path.endswith(".json") else _yaml(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
     if raw is None:

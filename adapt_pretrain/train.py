@@ -24,6 +24,7 @@ import torch.distributed as dist
 from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, load_rank_state,
                                        read_meta, rng_state, save_checkpoint, set_rng_state)
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
 from adapt_pretrain.run_config import RunConfig, load_run_config
 
@@ -411,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}, run dir {cfg.train.run_dir}",
                   flush=True)
         return 0
-    except (ConfigError, CheckpointError, NonFiniteLossError) as exc:
-        print(f"adapt-pretrain train (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
+    except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as exc:
+        # every rank reaches the same verdict; one message is enough
+        if env.rank == 0 or isinstance(exc, DataError):
+            print(f"adapt-pretrain train (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
         return 3
     finally:
         if trainer is not None:
