@@ -50,3 +50,34 @@ for DT in bf16 fp32; do
   echo "--- bench $DT"; grep -E "^(variant|plain|adapt|liger|target)" "$LOG_DIR/bench_$DT.log" || echo "(no output)"
 done
 [ "$TEST_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+KERNEL_RC=$?  # verdict of the kernel part above
+
+# ============================ training (trainer harness; see docs/TRAINING.md) ============================
+# A short single-GPU bf16 run of the real trainer (gpt-125m shape on the bundled demo corpus, ADAPT on,
+# checkpoint at step 10), then benchmarks/bench_train.py: the same config with ADAPT off and on in one
+# process, stepped alternately, anchor refresh included, printing the on/off step-time ratio.
+# Runs alone with: sed -n '/^# =* training/,$p' benchmarks/gpu_check.sh | bash   (from the repo root)
+TRAIN_START=$(date +%s)
+PY=${PY:-python}
+LOG_DIR=${LOG_DIR:-${GPU_CHECK_LOGS:-gpu_check_logs}}
+if ! $PY -c "import megatron.core, webdataset, yaml, tqdm, tokenizers" 2>/dev/null; then
+  timeout 300 $PY -m pip install -q "megatron-core==0.16.1" "webdataset==1.0.2" pyyaml tqdm tokenizers \
+    || echo "gpu_check: training dependencies could not be installed"
+fi
+TRAIN_DIR=${TRAIN_DIR:-$LOG_DIR/train}
+rm -rf "$TRAIN_DIR"; mkdir -p "$TRAIN_DIR"
+TRAIN_ARGS=(prepare.inputs=demo prepare.vocab_size=8192 prepare.num_workers=8 "data.data_dir=$TRAIN_DIR/data"
+            model.seq_len=1024 model.bf16=true train.micro_batch_size=8 train.global_batch_size=16
+            optim.warmup_steps=5 adapt.refresh_interval=10 wandb.enabled=false train.log_interval=5)
+export PYTHONUNBUFFERED=1
+timeout 400 $PY -m adapt_pretrain.train --config launch/configs/gpt-125m.yaml "${TRAIN_ARGS[@]}" adapt.enabled=true \
+  train.steps=30 train.checkpoint_interval=10 train.progress_bar=false "train.run_dir=$TRAIN_DIR/run" 2>&1 \
+  | tee "$LOG_DIR/train.log"
+TRAIN_RC=${PIPESTATUS[0]}
+timeout 400 $PY benchmarks/bench_train.py --config launch/configs/gpt-125m.yaml --data-dir "$TRAIN_DIR/data" \
+  --warmup 5 --periods 3 --json "$LOG_DIR/bench_train.json" "${TRAIN_ARGS[@]}" 2>&1 | tee "$LOG_DIR/bench_train.log"
+BENCH_TRAIN_RC=${PIPESTATUS[0]}
+echo "================ gpu_check training summary ($(( $(date +%s) - TRAIN_START ))s) ================"
+echo "train run (bf16, ADAPT on, 30 steps): rc=$TRAIN_RC; $(grep -E '^\[adapt-pretrain\] done' "$LOG_DIR/train.log" || echo 'did not finish')"
+grep -E "step-time ratio" "$LOG_DIR/bench_train.log" || echo "bench_train: no ratio (rc=$BENCH_TRAIN_RC)"
+[ "${KERNEL_RC:-0}" -eq 0 ] && [ "$TRAIN_RC" -eq 0 ] && [ "$BENCH_TRAIN_RC" -eq 0 ]
