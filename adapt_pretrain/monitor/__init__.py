@@ -2,20 +2,22 @@
 
 The trainer uses `StatsLayout`/`partial_stats`/`finalize` (stats.py) to turn per-group weights into
 metrics reduced over data-parallel ranks, and `Monitor` (monitor.py) to log them. See docs/MONITORING.md.
+Names resolve lazily so `adapt-pretrain report` and the logger do not import torch.
 """
-from adapt_pretrain.monitor.monitor import Monitor, NullMonitor, WandbConfig, read_metrics
-from adapt_pretrain.monitor.stats import (
-    PartialStats,
-    StatsLayout,
-    StepMetrics,
-    empty_stats,
-    finalize,
-    group_token_loss,
-    partial_stats,
-    step_metrics,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Monitor", "NullMonitor", "WandbConfig", "read_metrics", "PartialStats", "StatsLayout", "StepMetrics",
-    "empty_stats", "finalize", "group_token_loss", "partial_stats", "step_metrics",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Monitor": "monitor", "NullMonitor": "monitor", "WandbConfig": "monitor", "read_metrics": "monitor",
+    "PartialStats": "stats", "StatsLayout": "stats", "StepMetrics": "stats", "empty_stats": "stats",
+    "finalize": "stats", "group_token_loss": "stats", "partial_stats": "stats", "step_metrics": "stats",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"adapt_pretrain.monitor.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'adapt_pretrain.monitor' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -209,8 +209,9 @@ class Monitor:
         if self.stdout:
             print(f"[step {step}] event {name} " + " ".join(f"{k}={v}" for k, v in clean.items()), flush=True)
 
-    def close(self) -> None:
-        """Flush the local log and finish the W&B run (idempotent)."""
+    def close(self, timeout: float = 300.0) -> None:
+        """Flush the local log and finish the W&B run (idempotent). If the W&B worker has not drained
+        within `timeout` seconds (a hung network), give up on W&B rather than hang the job's exit."""
         if not self.active or self._closed:
             return
         if self._run is not None and self._last_step is not None and self._last_curriculum_step != self._last_step:
@@ -218,8 +219,14 @@ class Monitor:
         self._closed = True
         if self._thread is not None:
             assert self._queue is not None
-            self._queue.put(None)
-            self._thread.join()
+            try:
+                self._queue.put(None, timeout=timeout)
+            except queue.Full:
+                pass
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._warn("drain", TimeoutError(f"W&B worker still busy after {timeout:.0f} s"))
+                self._run = None
             self._thread = None
         if self._run is not None:
             run = self._run

@@ -134,8 +134,12 @@ def test_wandb_unimportable_in_subprocess(tmp_path):
         import sys, warnings
         sys.modules["wandb"] = None  # any `import wandb` now raises ImportError
         from adapt_pretrain.monitor import Monitor, WandbConfig
-        from tests.monitor.test_monitor import _log_three
-        _log_three({str(tmp_path)!r}, WandbConfig(mode="offline"))
+        mon = Monitor({str(tmp_path)!r}, {{"a": 1}}, WandbConfig(mode="offline"), rank=0, stdout=False)
+        for step in range(3):
+            mon.log_step(step, {{"loss": 1.0 / (step + 1)}}, histograms={{"hist/weights": ([1, 1], [0.0, 0.5, 1.0])}})
+        mon.log_event(2, "anchor_refresh", centroid_shift=0.1)
+        mon.close()
+        assert "torch" not in sys.modules  # the logger alone does not pull in torch
         print("TRAINING-CONTINUED")
     """)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -144,3 +148,39 @@ def test_wandb_unimportable_in_subprocess(tmp_path):
     assert "TRAINING-CONTINUED" in proc.stdout
     assert "W&B import failed" in proc.stderr
     _assert_local_complete(str(tmp_path), "import")
+
+
+class _HungRun:
+    id = "hung"
+    settings = None
+
+    def __init__(self) -> None:
+        import threading
+
+        self.release = threading.Event()
+
+    def log(self, *args, **kwargs):
+        self.release.wait(10)  # a stalled network
+
+    def finish(self, *args, **kwargs):
+        raise AssertionError("finish must not be called on a hung run")
+
+
+def test_close_does_not_hang_on_a_stalled_wandb(tmp_path, monkeypatch):
+    import time
+
+    import wandb
+
+    run = _HungRun()
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: run)
+    mon = Monitor(str(tmp_path), {}, WandbConfig(mode="offline"), rank=0, stdout=False)
+    t0 = time.perf_counter()
+    for step in range(3):
+        mon.log_step(step, {"loss": 1.0})  # returns at once: W&B calls are on the worker thread
+    assert time.perf_counter() - t0 < 1.0
+    with pytest.warns(RuntimeWarning, match="drain"):
+        mon.close(timeout=0.5)
+    run.release.set()
+    assert time.perf_counter() - t0 < 5.0
+    steps, events = read_metrics(str(tmp_path))
+    assert sorted(steps) == [0, 1, 2] and events[-1]["fields"]["stage"] == "drain"

@@ -72,3 +72,16 @@ def test_smoothing_option(runs, tmp_path):
     _assert_real_image(str(tmp_path / "s" / "curriculum.png"))
     with pytest.raises(SystemExit):
         main([runs[0], "--smooth", "1.5"])
+
+
+def test_report_of_a_run_without_adapt_metrics(runs, tmp_path):
+    from adapt_pretrain.monitor import Monitor, WandbConfig
+
+    plain = str(tmp_path / "plain")
+    with Monitor(plain, {}, WandbConfig(enabled=False), stdout=False) as mon:
+        for step in range(20):
+            mon.log_step(step, {"loss": 5.0 - 0.1 * step})
+    paths = render([plain, runs[0]], str(tmp_path / "mixed"))  # a baseline next to an ADAPT run
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    paths = render([plain], str(tmp_path / "only"))  # nothing but a loss: placeholders, no crash
+    assert all(os.path.getsize(p) > 0 for p in paths)
