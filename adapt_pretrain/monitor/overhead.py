@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-ms", type=float, default=100.0, help="duration of the stand-in training step")
     args = p.parse_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
+    # One intra-op thread: on a loaded machine torch's thread pool, woken by the stand-in step's
+    # matmuls, made these tiny ops 100x slower (36 ms instead of 0.2 ms) and measured contention.
+    torch.set_num_threads(1)
     for mode in ("disabled", "offline"):
         r = measure(args.groups, args.domains, args.steps, mode, step_ms=args.step_ms)
         print(f"G={args.groups} D={args.domains} wandb={mode:<8} step {r['step_ms']:.1f} ms | stats "
