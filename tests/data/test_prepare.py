@@ -167,3 +167,23 @@ def test_cli_refuses_non_empty_out_dir_and_verifies(prepared, small_corpus, tmp_
     assert rc == 0 and "recount: OK" in text
     anchors = Manifest.load(str(out)).anchors()
     assert anchors["docs"] == 2 and anchors["target_domains"] == ["kjv_bible"]
+
+
+def test_whole_demo_corpus_manifest_matches_recount(tmp_path):
+    """The done-when check on the bundled corpus: every line becomes a document; recount agrees."""
+    from adapt_pretrain.data import demo_corpus_paths
+
+    out = tmp_path / "demo"
+    prepare(PrepareConfig(inputs=demo_corpus_paths(), out_dir=str(out), vocab_size=512, num_workers=2,
+                          progress=False, shard_tokens=1 << 17))
+    raw = Manifest.load(str(out)).raw
+    lines = {}
+    for p in demo_corpus_paths():
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            for line in f:
+                dom = json.loads(line)["domain"]
+                lines[dom] = lines.get(dom, 0) + 1
+    got = {d: raw["splits"]["train"]["docs_per_domain"].get(d, 0) + raw["splits"]["val"]["docs_per_domain"].get(d, 0)
+           for d in lines}
+    assert got == lines and sum(raw["skipped"].values()) == 0
+    assert check_counts(str(out)) == []
