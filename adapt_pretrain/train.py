@@ -388,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
     argv, local_rank = strip_local_rank(argv)  # deepspeed appends --local_rank=N
     args = build_parser().parse_args(argv)
+    if args.resume not in (None, "auto") and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.insert(0, args.resume)  # `--resume train.steps=9`: an override, not a path
+        args.resume = "auto"
     env = read_dist_env(local_rank)
     configure_threads(env)
     try:

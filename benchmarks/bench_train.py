@@ -4,8 +4,8 @@
     python benchmarks/bench_train.py --config launch/configs/gpt-125m.yaml model.bf16=true ...   # GPU
 
 Two `Trainer`s (identical model, optimiser, data and seed; only `adapt.enabled` differs) are built
-in one process and stepped alternately (off, on, off, on, ...), so drifting machine load hits
-both equally. The ON trainer's anchor refreshes (step 0 and every `refresh_interval`) are counted in
+in one process and stepped alternately (off/on, then on/off, ...), so drifting machine load and
+any first-of-the-pair effect hit both equally. The ON trainer's anchor refreshes (step 0 and every `refresh_interval`) are counted in
 its time. After `--warmup` steps each, the timed window is `--periods` whole refresh periods, so the refresh cost is
 amortised exactly as in training (a window of k periods holds exactly k refreshes). Prints the ratio of total ON time to total OFF time (target:
 <= 1.03 on CPU with the demo model) and the per-step medians.
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     on = Trainer(cfg_on, env, setup=False)
     times = {"off": [], "on": []}
     refresh = []
+    pair = (("off", off), ("on", on))
     for step in range(total):
-        for name, trainer in (("off", off), ("on", on)):
+        for name, trainer in (pair if step % 2 == 0 else pair[::-1]):  # alternate who goes first
             _, step_s, refresh_s = trainer.step_once()
             # the window starts at a refresh step (a multiple of the period) so it holds whole periods
             if step >= args.warmup:
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         "mean_refresh_s": sum(refresh) / len(refresh) if refresh else 0.0,
         "ratio_total_on_over_off": ratio,
         "ratio_median": statistics.median(t_on) / statistics.median(t_off),
+        "ratio_paired_median": statistics.median(a / b for a, b in zip(t_on, t_off)),
+        "load_average_1m": os.getloadavg()[0],
     }
     off.close()
     on.close()
