@@ -46,6 +46,21 @@ def _tokens_per_step(config: dict[str, Any]) -> tuple[int, int]:
     return rc.train.steps, layout["micro_batch_size"] * layout["num_microbatches"] * rc.model.seq_len * layout["dp"]
 
 
+def validate(cfg: CompareConfig, specs: list[RunSpec]) -> None:
+    """Check every run's config now (derived data dirs may not exist yet: validate against the source)."""
+    import copy
+
+    from adapt_pretrain.run_config import RunConfig
+
+    for spec in specs:
+        raw = copy.deepcopy(spec.config)
+        raw["data"]["data_dir"] = cfg.data_dir
+        try:
+            RunConfig.from_dict(raw, source=f"{spec.method} seed {spec.seed}")
+        except ConfigError as exc:
+            raise ConfigError(f"run {spec.method} seed {spec.seed}: {exc}") from None
+
+
 def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
     """Build the derived data dirs the chosen methods need; return the offline scoring sizes."""
     from adapt_pretrain.data.manifest import Manifest
@@ -175,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     ensure_data(cfg)
     specs = plan_runs(cfg)
+    try:
+        validate(cfg, specs)
+    except ConfigError as exc:
+        print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
+        return 2
     todo = R.pending(specs)
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} finished, {len(todo)} to do")
     if args.status:

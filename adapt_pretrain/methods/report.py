@@ -50,6 +50,11 @@ def _fmt(ms: tuple[float, float]) -> str:
     return f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
+def _fmt_ppl(ms: tuple[float, float]) -> str:
+    """Mean loss ± std, with the perplexity of the mean loss (geometric mean of domain perplexities)."""
+    return f"{_fmt(ms)} ({math.exp(ms[0]):.1f})" if math.isfinite(ms[0]) else ""
+
+
 def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str = "uniform") -> str:
     """Summary table (averages, deltas vs baseline, FLOPs) and per-domain table."""
     methods = [m for m in order if m in agg]
@@ -58,7 +63,8 @@ def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str 
     seen = sorted({d for m in methods for d in agg[m]["seen"]})
     domains = sorted({d for m in methods for d in agg[m]["domains"]}, key=lambda d: (d not in seen, d))
     base = agg.get(baseline)
-    lines = ["| method | seeds | avg seen | avg unseen | avg all | Δ seen vs uniform | Δ unseen vs uniform "
+    lines = ["Held-out loss in nats/token, mean ± std over seeds, (perplexity of the mean):", "",
+             "| method | seeds | avg seen | avg unseen | avg all | Δ seen vs uniform | Δ unseen vs uniform "
              "| training FLOPs | total FLOPs | overhead | train s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in methods:
@@ -67,7 +73,7 @@ def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str 
         get = lambda k: av.get(k, (math.nan, math.nan))  # noqa: E731
         delta = lambda k: (f"{get(k)[0] - base['averages'][k][0]:+.3f}" if base and k in base["averages"] and k in av  # noqa: E731
                            else "")
-        lines.append(f"| {m} | {len(a['seeds'])} | {_fmt(get('seen'))} | {_fmt(get('unseen'))} | {_fmt(get('all'))} "
+        lines.append(f"| {m} | {len(a['seeds'])} | {_fmt_ppl(get('seen'))} | {_fmt_ppl(get('unseen'))} | {_fmt_ppl(get('all'))} "
                      f"| {delta('seen')} | {delta('unseen')} | {a['flops_training']:.3g} "
                      f"| {a['flops_total']:.3g} | {a['overhead_ratio']:.3f}x | {a['train_seconds']:.0f} |")
     lines += ["", "Per-domain held-out loss (nats/token, mean ± std over seeds; * = anchor / seen domain):", "",

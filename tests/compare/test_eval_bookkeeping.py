@@ -94,7 +94,7 @@ def test_aggregate_mean_std_and_markdown(tmp_path):
     assert math.isclose(m, 2.1) and math.isclose(sd, math.sqrt(0.02))  # ddof=1 over 2 seeds
     assert mean_std([3.0]) == (3.0, 0.0)
     md = markdown_tables(agg, ["uniform", "adapt"])
-    assert "| adapt | 2 | 2.000 ± 0.141 | 4.200 ± 0.141 |" in md and "-0.100" in md
+    assert "| adapt | 2 | 2.000 ± 0.141 (7.4) | 4.200 ± 0.141 (66.7) |" in md and "-0.100" in md
     assert "| s * |" in md
     report = tmp_path / "R.md"
     report.write_text("# R\n\nintro\n\n<!-- compare:begin -->\nold\n<!-- compare:end -->\n\nreading\n")
