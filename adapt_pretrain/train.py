@@ -337,8 +337,7 @@ class Trainer:
                 histograms = metrics.histograms
             if self.monitor.table_due(step):
                 tables = {"extreme_documents": self._extreme_rows(g)}
-        for key, value in self.loader.stats().items():
-            scalars[f"data/{key}"] = float(value)
+        scalars.update(self._data_stats())
         self.monitor.log_step(step, scalars, histograms or None, tables or None)
         if self.info.is_logging_rank and (step % self.cfg.train.log_interval == 0 or step + 1 == self.cfg.train.steps):
             line = " ".join(f"{k}={v:.4g}" for k, v in scalars.items()
@@ -351,6 +350,23 @@ class Trainer:
                 tqdm.write(message, file=sys.stderr)
             else:
                 print(message, flush=True)
+
+    def _data_stats(self) -> dict[str, float]:
+        """The loader's counters (skipped samples by kind, micro-batches, tokens) summed over DP ranks.
+
+        Collective over the data-parallel group: every rank calls it every step.
+        """
+        stats = self.loader.stats()
+        keys = sorted(k for k in stats if k != "epoch")
+        values = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        if self.info.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            values = values.to(self.info.device)  # NCCL reduces device tensors only
+            dist.all_reduce(values, group=ps.get_data_parallel_group())
+        out = {f"data/{k}": float(v) for k, v in zip(keys, values.tolist())}
+        out["data/epoch"] = float(stats.get("epoch", 0))
+        return out
 
     def _extreme_rows(self, groups: dict[str, torch.Tensor], k: int = 5) -> list[dict[str, Any]]:
         """The k highest- and lowest-weighted documents of this step (a W&B/local table)."""
