@@ -36,19 +36,19 @@ class WeightedCrossEntropy(torch.autograd.Function):
         m, d, xt = allreduce_row_stats(m, d, xt, tp_group)
         lse, loss, wloss = ops.ce_finalize(m, d, xt, targets, group_ids, group_weights, ignore_index)
         ctx.save_for_backward(logits, lse, targets, group_ids, group_weights)
-        ctx.config = (ignore_index, inplace_backward, vocab_start, ops)
+        ctx.config = (ignore_index, inplace_backward, vocab_start, ops, tp_group is None)
         ctx.mark_non_differentiable(loss)
         return wloss, loss
 
     @staticmethod
     def backward(ctx: Any, grad_wloss: Optional[torch.Tensor], _grad_loss: Any):
-        ignore_index, inplace, vocab_start, ops = ctx.config
+        ignore_index, inplace, vocab_start, ops, full_vocab = ctx.config
         if grad_wloss is None or not ctx.needs_input_grad[0]:
             return (None,) * 9
         logits, lse, targets, group_ids, group_weights = ctx.saved_tensors
         out = logits if inplace else torch.empty_like(logits)
         ops.ce_grad(logits, lse, targets, group_ids, group_weights, grad_wloss.float(),
-                    vocab_start, ignore_index, out)
+                    vocab_start, ignore_index, out, full_vocab=full_vocab)
         if inplace:
             # Kernels write behind autograd's back: bump the version so any other saved use of
             # these logits fails loudly instead of silently reading gradients.

@@ -17,10 +17,16 @@ CHUNK_ELEMS = 1 << 20
 MAX_CHUNKS = 16
 
 
-def _row_chunks(num_rows: int, num_cols: int):
+def _row_chunks(num_rows: int, num_cols: int) -> list[tuple[int, int]]:
     step = max(1, -(-num_rows // MAX_CHUNKS), CHUNK_ELEMS // max(1, num_cols))
-    for start in range(0, num_rows, step):
-        yield start, min(num_rows, start + step)
+    return [(s, min(num_rows, s + step)) for s in range(0, num_rows, step)]
+
+
+def _chunk_buffer(chunks: list[tuple[int, int]], num_cols: int, device: torch.device) -> torch.Tensor:
+    """One fp32 scratch buffer reused by every chunk: a fresh large allocation per chunk would
+    be mmap-ed and page-faulted anew each time."""
+    rows = max((e - s for s, e in chunks), default=0)
+    return torch.empty(rows, num_cols, dtype=torch.float32, device=device)
 
 
 def _targets_in_shard(targets: torch.Tensor, vocab_start: int, vocab_size: int,
@@ -45,12 +51,21 @@ def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
     """Per-row (max, sum exp(x - max), target logit) of this vocab shard, all fp32 [T].
 
     The local logsumexp is returned as the "max" with a sum of 1, which is the same statistic.
+    It is read off a fused log_softmax: lse = max(x) - max(log_softmax(x)), which stays exact to
+    fp32 rounding (max(log_softmax) lies in [-log V, 0]) and uses vectorised passes only.
     """
     T, V = logits.shape
     lse = torch.empty(T, dtype=torch.float32, device=logits.device)
-    for s, e in _row_chunks(T, V):
-        chunk = logits[s:e]
-        lse[s:e] = torch.logsumexp(chunk if chunk.dtype == torch.float32 else chunk.float(), dim=-1)
+    chunks = _row_chunks(T, V)
+    buf = _chunk_buffer(chunks, V, logits.device)
+    upcast = _chunk_buffer(chunks, V, logits.device) if logits.dtype != torch.float32 else None
+    for s, e in chunks:
+        x = logits[s:e]
+        if upcast is not None:
+            x = upcast[: e - s].copy_(x)
+        top = x.amax(dim=-1)
+        lsm = torch._log_softmax(x, -1, False, out=buf[: e - s])
+        torch.sub(top, lsm.amax(dim=-1), out=lse[s:e])
     inside, local = _targets_in_shard(targets, vocab_start, V, ignore_index)
     xt = logits.gather(1, local[:, None]).squeeze(1).float()
     xt = torch.where(inside, xt, torch.zeros_like(xt))
@@ -70,17 +85,26 @@ def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: tor
 
 def ce_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
             group_weights: torch.Tensor, grad_wloss: torch.Tensor, vocab_start: int,
-            ignore_index: int, out: torch.Tensor) -> torch.Tensor:
-    """Write w_t * g_t * (softmax - onehot) into `out` ([T, V], may alias `logits`)."""
+            ignore_index: int, out: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+    """Write w_t * g_t * (softmax - onehot) into `out` ([T, V], may alias `logits`).
+
+    `full_vocab` (no vocab sharding) allows a fused softmax per chunk instead of exp(x - lse).
+    """
     T, V = logits.shape
     scale = token_weights(targets, group_ids, group_weights, ignore_index) * grad_wloss.float()
     inside, local = _targets_in_shard(targets, vocab_start, V, ignore_index)
     in_fp32 = out.dtype == torch.float32
-    for s, e in _row_chunks(T, V):
+    chunks = _row_chunks(T, V)
+    scratch = None if in_fp32 else _chunk_buffer(chunks, V, logits.device)
+    for s, e in chunks:
         x, dst = logits[s:e], out[s:e]
-        buf = dst if in_fp32 else torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        torch.sub(x, lse[s:e, None], out=buf)
-        buf.exp_().mul_(scale[s:e, None])
+        buf = dst if scratch is None else scratch[: e - s]
+        if full_vocab and in_fp32 and not x.is_set_to(buf):
+            torch._softmax(x, -1, False, out=buf)
+        else:
+            torch.sub(x, lse[s:e, None], out=buf)
+            buf.exp_()
+        buf.mul_(scale[s:e, None])
         rows = inside[s:e].nonzero().squeeze(1)
         buf[rows, local[s:e][rows]] -= scale[s:e][rows]
         if not in_fp32:

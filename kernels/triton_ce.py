@@ -118,7 +118,8 @@ def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: tor
 
 def ce_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
             group_weights: torch.Tensor, grad_wloss: torch.Tensor, vocab_start: int,
-            ignore_index: int, out: torch.Tensor) -> torch.Tensor:
+            ignore_index: int, out: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+    """`full_vocab` is accepted for interface parity; the kernel always uses the saved lse."""
     T, V = logits.shape
     if T:
         block = _block_v(V)
