@@ -105,6 +105,30 @@ def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
     return ScoringWork(**work)
 
 
+def evaluate_here(run_dir: str, cfg: CompareConfig) -> dict[str, Any]:
+    """Evaluate a run in this process (saves a megatron import per run), then release the 1-rank
+    process group so the next training subprocess can open its own on the default port."""
+    import socket
+
+    from adapt_pretrain.evaluate import evaluate_run
+    from adapt_pretrain.megatron.parallel import teardown_parallel
+
+    with socket.socket() as sock:  # a free port for our group, distinct from the children's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = set(os.environ)
+    os.environ.update({k: v for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items()
+                       if k not in os.environ})
+    eval_cfg = cfg.eval or {}
+    try:
+        return evaluate_run(run_dir, cfg.data_dir, [str(p) for p in eval_cfg.get("extra", [])], None,
+                            int(eval_cfg.get("max_tokens", 32768)), progress=False)
+    finally:
+        teardown_parallel()
+        for key in set(os.environ) - before:  # what setup_parallel and we added
+            os.environ.pop(key, None)
+
+
 def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str, str]) -> dict[str, Any]:
     """Train (resuming if possible), evaluate and cost one run; returns and caches its result."""
     from adapt_pretrain.flops import ModelShape
@@ -114,12 +138,8 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     t0 = time.time()
     R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
     train_s = time.time() - t0
-    eval_cfg = cfg.eval or {}
-    cmd = [sys.executable, "-m", "adapt_pretrain.cli", "eval", "--run", spec.run_dir, "--data", cfg.data_dir,
-           *[str(p) for p in eval_cfg.get("extra", [])], "--max-tokens", str(int(eval_cfg.get("max_tokens", 32768))),
-           "--out", os.path.join(spec.run_dir, "eval.json"), "--no-progress"]
     t1 = time.time()
-    R.run_logged(cmd, os.path.join(spec.run_dir, "eval.log"), env)
+    R.write_json(os.path.join(spec.run_dir, "eval.json"), evaluate_here(spec.run_dir, cfg))
     eval_s = time.time() - t1
     rc = RunConfig.from_dict(spec.config)
     steps, per_step = _tokens_per_step(spec.config)
