@@ -52,10 +52,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     add_bias_linear: bool = True
     layernorm_epsilon: float = 1e-5
+    make_vocab_size_divisible_by: int = 128
     bf16: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "hidden_size", "num_layers", "num_attention_heads"):
+        for name in ("vocab_size", "seq_len", "hidden_size", "num_layers", "num_attention_heads",
+                     "make_vocab_size_divisible_by"):
             _positive_int("model", name, getattr(self, name))
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
@@ -85,9 +87,18 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false")
 
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // multiple) * multiple
+
     def check_layout(self, parallel: "ParallelConfig") -> None:
         """Raise ConfigError when the shape cannot be split over the given TP/PP/VP layout."""
         tp, pp, vp = parallel.tensor, parallel.pipeline, parallel.virtual_pipeline or 1
+        if self.padded_vocab_size % tp:
+            raise ConfigError(f"padded vocabulary {self.padded_vocab_size} (model.vocab_size={self.vocab_size} rounded "
+                              f"up to model.make_vocab_size_divisible_by={self.make_vocab_size_divisible_by}) must be "
+                              f"divisible by parallel.tensor={tp}")
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % tp or groups % tp:
             raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} (query groups {groups}) "

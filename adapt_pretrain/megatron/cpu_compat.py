@@ -8,7 +8,8 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
    (shape exchange, receive buffers), `distributed.param_and_grad_buffer` (grad buffers),
    `optimizer.clip_grads` and `optimizer.optimizer` (norm / overflow scalars), `utils`
    (GlobalMemoryBuffer used by the local attention's baddbmm), `transformer.utils` (default
-   causal mask). We do NOT install a
+   causal mask), `tensor_parallel.mappings` and `tensor_parallel.layers` (sequence-parallel
+   gather/scatter buffers, forward and backward). We do NOT install a
    global TorchFunctionMode (it would tax every op of the hot path); instead each of those modules'
    global name `torch` is replaced by a thin proxy whose factory functions map a CUDA device to CPU
    and whose `torch.cuda.current_device()` / `synchronize()` are CPU-safe. Everything else is the
@@ -46,6 +47,8 @@ _PATCHED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.utils",
     "megatron.core.transformer.utils",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from adapt_pretrain.core import AdaptEngine, group_loss_means
+from adapt_pretrain.core import AdaptEngine, LossTerms, group_loss_means
 from adapt_pretrain.megatron.batch import pooling_view
 
 
@@ -81,14 +81,26 @@ def static_scores(engine: AdaptEngine, batch: dict[str, Any]) -> Optional[torch.
     return None
 
 
+def plain_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                weights: torch.Tensor) -> LossTerms:
+    """ADAPT off = plain megatron GPT training, bit for bit: megatron's vocab-parallel CE (what
+    GPTModel.compute_language_model_loss uses at any TP size) and pretrain_gpt's masked sum."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    token_loss = vocab_parallel_cross_entropy(logits, labels)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(token_loss.view(-1).float() * mask)
+    return LossTerms(loss_sum, mask.sum().detach(), token_loss.detach().float(), weights.detach())
+
+
 def adapt_loss(engine: AdaptEngine, step: int, batch: dict[str, Any], logits: torch.Tensor,
                hidden: Optional[torch.Tensor], tp: TPContext, num_contributions: int,
                acc: StepAccumulator) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Megatron loss_func body: returns (weighted loss sum, masked-token count (int), report).
 
     The float normaliser (sum m w for `weights` mode) goes to `acc`; the step engine's
-    finalize_model_grads hook divides gradients by its global sum. ADAPT off runs the same code
-    with unit weights (engine.loss returns sum(mask * CE), sum(mask)).
+    finalize_model_grads hook divides gradients by its global sum. ADAPT off (and engine=None,
+    plain training: the same code) computes megatron's own plain loss (`plain_terms`).
     """
     num_groups = batch["num_groups"]
     labels = batch["labels"].reshape(-1)
@@ -98,8 +110,11 @@ def adapt_loss(engine: AdaptEngine, step: int, batch: dict[str, Any], logits: to
     h, gid_pool, pos_pool = group_signal_input(engine, hidden if needs_hidden else None, batch, tp)
     gw = engine.group_weights(h, gid_pool, pos_pool, num_groups, step, static_scores(engine, batch))
     flat_logits = logits.reshape(-1, logits.shape[-1])
-    terms = engine.loss(flat_logits, labels, mask, gid_loss, gw.weights, step=step, tp_group=tp.loss_group,
-                        vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions)
+    if engine.cfg.enabled:
+        terms = engine.loss(flat_logits, labels, mask, gid_loss, gw.weights, step=step, tp_group=tp.loss_group,
+                            vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions)
+    else:
+        terms = plain_terms(flat_logits, labels, mask, gw.weights)
     loss_sum = terms.loss_sum
     num_tokens = mask.sum().to(torch.int)
     acc.totals += torch.stack([terms.normaliser.double(), loss_sum.detach().double(), num_tokens.double()])

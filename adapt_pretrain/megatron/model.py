@@ -65,10 +65,39 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     return TransformerConfig(**kwargs)
 
 
-def _layer_spec(model: ModelConfig):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+class LocalNorm:
+    """torch LayerNorm / RMSNorm that also works under sequence parallelism.
 
-    return get_gpt_layer_local_spec(normalization=model.normalization)
+    megatron-core's local spec (WrappedTorchNorm) refuses sequence parallelism without apex or
+    Transformer Engine, yet a per-token norm is correct on a sequence shard as long as its
+    parameter gradients are summed over TP: marking the params `sequence_parallel` makes megatron's
+    finalize_model_grads do exactly that.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        module = norm_cls(hidden_size, eps=eps)
+        for param in module.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return module
+
+
+def _layer_spec(model: ModelConfig, config, vp_stage: Optional[int]):
+    """The local GPT layer spec; with sequence parallelism, its norms (and the block's final norm)
+    become `LocalNorm`."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    if not config.sequence_parallel:
+        return spec
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = LocalNorm
+    spec.submodules.pre_mlp_layernorm = LocalNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=LocalNorm)
 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]:
@@ -82,16 +111,16 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]
 
     model.check_layout(parallel)
     config = transformer_config(model, parallel)
-    spec = _layer_spec(model)
     gpu = torch.cuda.is_available()
     chunks: list[nn.Module] = []
     for vp_stage in range(parallel.num_chunks):
         vp = vp_stage if parallel.interleaved else None
+        spec = _layer_spec(model, config, vp)
         with cpu_compat.model_construction():
             gpt = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
-                vocab_size=model.vocab_size,
+                vocab_size=model.padded_vocab_size,
                 max_sequence_length=model.seq_len,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
