@@ -26,10 +26,12 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 
 # Config fields that may change between a run and its resume without changing what is computed.
+# data.data_dir may move: the data stream checks the manifest's content hash itself on resume.
+# prepare.* only acts when the data dir has no manifest, which a resumable run always has.
 SAFE_TO_CHANGE = (
     "train.steps", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.stop_at_step", "train.progress_bar", "train.max_nonfinite_in_row", "train.run_dir",
-    "wandb.", "data.prefetch_factor", "data.verify_checksums",
+    "wandb.", "data.prefetch_factor", "data.verify_checksums", "data.data_dir", "prepare.",
 )
 
 
