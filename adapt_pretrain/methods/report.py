@@ -22,6 +22,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
+def _finite_mean(values: Iterable[Any]) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """method -> {seeds, domains: {d: (mean, std)}, averages: {seen/unseen/all: (mean, std)}, flops...}."""
     by_method: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
@@ -42,6 +47,10 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             "overhead_ratio": float(np.mean([r["flops"]["overhead_ratio"] for r in rs])),
             "train_seconds": float(np.mean([r.get("train_seconds", 0.0) for r in rs])),
             "seen": sorted({d for r in rs for d in r["eval"].get("seen", [])}),
+            "weight_std_mean": _finite_mean(r.get("weight_std_mean") for r in rs),
+            "ess_frac_mean": _finite_mean(r.get("ess_frac_mean") for r in rs),
+            "domain_weight": {d: float(np.mean([r["domain_weight"][d] for r in rs if d in r.get("domain_weight", {})]))
+                              for d in sorted({d for r in rs for d in r.get("domain_weight", {})})},
         }
     return out
 
@@ -88,6 +97,17 @@ def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str 
             text = _fmt(agg[m]["domains"][d])
             cells.append(f"**{text}**" if agg[m]["domains"][d][0] == best else text)
         lines.append(f"| {d}{' *' if d in seen else ''} | " + " | ".join(cells) + " |")
+    online = [m for m in methods if (agg[m].get("weight_std_mean") or 0) > 1e-6 and agg[m].get("domain_weight")]
+    if online:
+        lines += ["", "Online weighting, what the weights did during training (mean over steps and seeds): "
+                  "a domain's mean token weight relative to the batch mean (1.00 = uniform), the weight std "
+                  "within a step, and the effective sample size fraction:", "",
+                  "| domain | " + " | ".join(online) + " |", "|---|" + "---|" * len(online)]
+        for d in domains:
+            lines.append(f"| {d}{' *' if d in seen else ''} | "
+                         + " | ".join(f"{agg[m]['domain_weight'].get(d, float('nan')):.2f}" for m in online) + " |")
+        lines.append("| weight std | " + " | ".join(f"{agg[m]['weight_std_mean']:.3f}" for m in online) + " |")
+        lines.append("| ESS fraction | " + " | ".join(f"{agg[m]['ess_frac_mean']:.3f}" for m in online) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -116,8 +116,31 @@ def metrics_summary(run_dir: str) -> dict[str, float]:
     steps = sorted(per_step)
     groups = sum(float(per_step[s].get("adapt/groups", 0.0)) for s in steps)
     last = per_step[steps[-1]] if steps else {}
+
+    def mean_of(key: str) -> float:
+        values = [float(per_step[s][key]) for s in steps if key in per_step[s]]
+        return float(sum(values) / len(values)) if values else float("nan")
+
     return {"steps_logged": len(steps), "groups": groups, "final_loss": float(last.get("loss", float("nan"))),
-            "final_loss_unweighted": float(last.get("loss/mean", last.get("loss", float("nan"))))}
+            "final_loss_unweighted": float(last.get("loss/mean", last.get("loss", float("nan")))),
+            "weight_std_mean": mean_of("adapt/weight_std"), "ess_frac_mean": mean_of("adapt/ess_frac"),
+            "domain_weight": domain_weights(per_step)}
+
+
+def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Each domain's token-weighted mean weight over the run, relative to the run's mean weight (1 = uniform).
+
+    From the monitor's per-step `domain/D/token_share` and `domain/D/weighted_share`: weighted_share /
+    token_share is the domain's mean weight relative to the step's mean, averaged with token counts."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for sc in per_step.values():
+        for key, share in sc.items():
+            if key.startswith("domain/") and key.endswith("/token_share") and share > 0:
+                d = key[len("domain/"):-len("/token_share")]
+                num[d] = num.get(d, 0.0) + float(sc.get(f"domain/{d}/weighted_share", share))
+                den[d] = den.get(d, 0.0) + float(share)
+    return {d: num[d] / den[d] for d in sorted(num) if den[d] > 0}
 
 
 def loss_curve(run_dir: str, key: str = "loss/mean") -> tuple[list[int], list[float]]:
