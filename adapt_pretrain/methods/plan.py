@@ -113,6 +113,7 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
     for key in ("out_dir", "prepare", "run"):
         if key not in raw:
             raise ConfigError(f"{path}: missing required key {key!r}")
+    raw["out_dir"] = os.path.abspath(str(raw["out_dir"]))  # runs are launched as subprocesses: no cwd surprises
     return CompareConfig(**raw)
 
 
