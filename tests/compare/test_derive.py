@@ -72,3 +72,17 @@ def test_loader_reads_a_derived_dir(data_dir, tmp_path):
     it = iter(stream)
     batches = [next(it) for _ in range(30)]  # more tokens than the subset holds: it repeats
     assert all(b["tokens"].shape == (2, 16) for b in batches)
+
+
+def test_held_out_sets_val_split_and_extra_jsonl(data_dir, tmp_path):
+    from adapt_pretrain.evaluate import held_out_sets
+
+    extra = tmp_path / "more.jsonl"
+    extra.write_text(json.dumps({"text": "def value", "domain": "code"}) + "\n"
+                     + json.dumps({"text": "brand new words"}) + "\n")
+    man = Manifest.load(data_dir)
+    sets, source = held_out_sets(data_dir, [str(extra)], man.tokenizer_path)
+    val = Manifest.load(data_dir).raw["splits"]["val"]["docs_per_domain"]
+    assert {d: len(sets[d]) for d in val} == val  # every validation document, by domain
+    assert source["code"] == "val" and source["more:code"].endswith("more.jsonl")  # no silent merge
+    assert len(sets["more"]) == 1 and sets["more"][0].size > 0
