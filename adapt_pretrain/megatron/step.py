@@ -267,6 +267,9 @@ class TrainStep:
         self.optimizer.load_state_dict(state["optimizer"])
         if "optimizer_param_state" in state:
             self.optimizer.load_parameter_state_from_dp_reshardable(state["optimizer_param_state"])
+        # megatron's scheduler *adds* the saved step count (step(increment=num_steps)): start from 0
+        # so loading into a scheduler that has already stepped (in-process rollback) is exact too.
+        self.scheduler.num_steps = 0
         self.scheduler.load_state_dict(state["scheduler"])
         self.engine.load_state_dict(state["engine"])
 

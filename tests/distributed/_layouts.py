@@ -146,7 +146,7 @@ def _gather(chunks) -> dict[str, dict]:
     return {"params": gather_full_state_dict(chunks), "grads": gather_full_state_dict(chunks, attr="main_grad")}
 
 
-def _plain_megatron_step(info, chunks, step: int) -> float:
+def _plain_megatron_step(info, chunks, step: int, optim=None) -> float:
     """Plain training exactly the way megatron's pretrain_gpt does it: GPTModel computes the per-token
     CE (labels passed in), loss_func returns (sum(mask*CE), int token count), and megatron's own
     finalize_model_grads divides by the global count. No code of ours in the loss path."""
@@ -159,18 +159,21 @@ def _plain_megatron_step(info, chunks, step: int) -> float:
     from adapt_pretrain.megatron import build_optimizer
     from adapt_pretrain.megatron.model import unwrap
 
-    optimizer, scheduler = build_optimizer(chunks, optim_cfg())
+    optimizer, scheduler = build_optimizer(chunks, optim or optim_cfg())
     config = get_model_config(chunks[0])
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = None
     m = GLOBAL_MICROBATCHES // info.dp_size
-    batches = _shard(global_batches(step), info.dp_rank, info.dp_size)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+               for mb in _shard(global_batches(step), info.dp_rank, info.dp_size)]
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         b, s = batch["tokens"].shape
         # GPTModel computes the per-token loss itself when given labels (pretrain_gpt.py style)
-        output = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None, labels=batch["labels"])
+        output = model(batch["tokens"], torch.arange(s, device=device).unsqueeze(0).expand(b, s), None,
+                       labels=batch["labels"])
         if not unwrap(model).post_process:
             return output, None
 
@@ -187,9 +190,10 @@ def _plain_megatron_step(info, chunks, step: int) -> float:
     optimizer.zero_grad()
     iters = iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks]
     store = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iters, model=chunks,
-                                        num_microbatches=m, seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+                                        num_microbatches=m, seq_length=batches[0]["tokens"].shape[1],
+                                        micro_batch_size=batches[0]["tokens"].shape[0],
                                         forward_only=False)
-    totals = torch.zeros(2, dtype=torch.float64)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     for item in store:
         totals += item["lm"].double()
     if ps.get_pipeline_model_parallel_world_size() > 1:
