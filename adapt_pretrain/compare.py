@@ -172,8 +172,35 @@ def write_report(cfg: CompareConfig, specs: list[RunSpec], report: str, plots_di
              f"({len(cfg.methods)} methods x seeds {cfg.seeds}); every run trains {steps} steps x {per_step} tokens "
              f"= {steps * per_step:,} tokens._\n\n" + markdown_tables(agg, cfg.methods) + "\n"
              + "\n".join(f"![{os.path.basename(p)}]({rel(p)})" for p in paths) + "\n")
-    update_marked_block(report, block)
+    update_marked_block(report, block + data_table(cfg, steps * per_step))
     return paths
+
+
+def data_table(cfg: CompareConfig, budget: int) -> str:
+    """Token share per domain of the full training split and of each derived one, and how often a
+    run at `budget` tokens passes over each (top-k subsets repeat, the full data does not)."""
+    from adapt_pretrain.data.manifest import Manifest
+
+    dirs = {"full (uniform, adapt*, linupper)": cfg.data_dir}
+    for m in cfg.methods:
+        variant = get_preset(m).data_variant
+        if variant and os.path.isfile(os.path.join(cfg.variant_dir(variant), "manifest.json")):
+            dirs[variant] = cfg.variant_dir(variant)
+    shares: dict[str, dict[str, float]] = {}
+    passes: dict[str, float] = {}
+    for name, path in dirs.items():
+        man = Manifest.load(path)
+        per = man.raw["splits"]["train"]["tokens_per_domain"]
+        total = sum(per.values())
+        shares[name] = {d: n / total for d, n in per.items()}
+        passes[name] = budget / total
+    domains = sorted({d for v in shares.values() for d in v})
+    lines = ["", "Training data of each run (token share per domain, %; passes = training tokens / tokens in the set):", "",
+             "| domain | " + " | ".join(dirs) + " |", "|---|" + "---|" * len(dirs)]
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(f"{100 * shares[n].get(d, 0.0):.1f}" for n in dirs) + " |")
+    lines.append("| passes | " + " | ".join(f"{passes[n]:.2f}" for n in dirs) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
