@@ -14,7 +14,7 @@ import torch
 # them. Every chunk op is an OpenMP parallel region; on a busy 2-core machine each region's
 # barrier costs milliseconds, so bounding the number of chunks matters more than cache fit.
 CHUNK_ELEMS = 1 << 20
-MAX_CHUNKS = 16
+MAX_CHUNKS = 8
 
 
 def _row_chunks(num_rows: int, num_cols: int) -> list[tuple[int, int]]:
