@@ -88,36 +88,59 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def save_checkpoint(root: str, step: int, rank_state: dict[str, Any], meta: dict[str, Any], rank: int,
-                    barrier: Callable[[], None], keep: int = 2) -> str:
+                    barrier: Callable[[], None], keep: int = 2,
+                    all_ok: Callable[[bool], bool] | None = None) -> str:
     """Collectively save `rank_state` of every rank for `step`; returns the final directory.
 
     Every rank must call this (it synchronises with `barrier`). Rank 0 owns the directory moves.
+    `all_ok(flag)` (an all-reduce of "did my part work") lets every rank learn that some rank failed
+    to write, so all of them raise instead of the healthy ones waiting forever at the next barrier.
     """
+    def agree(ok: bool) -> bool:  # synchronises like a barrier, and tells every rank whether all succeeded
+        if all_ok is not None:
+            return all_ok(ok)
+        barrier()
+        return ok
+
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
+    error = ""
     if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
-        os.makedirs(tmp)
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash during an earlier save
+            os.makedirs(tmp)
+        except OSError as exc:
+            error = f"rank 0 cannot create {tmp}: {exc}"
     barrier()
-    path = os.path.join(tmp, rank_file(rank))
-    torch.save(rank_state, path + ".part")
-    os.replace(path + ".part", path)
-    barrier()
+    if not error:
+        try:
+            path = os.path.join(tmp, rank_file(rank))
+            torch.save(rank_state, path + ".part")
+            os.replace(path + ".part", path)
+        except (OSError, RuntimeError) as exc:
+            error = f"rank {rank} cannot write its checkpoint file into {tmp}: {exc}"
+    if not agree(not error):
+        raise CheckpointError(error or f"another rank failed to write checkpoint step {step} (see its log); "
+                                       "the previous checkpoint is intact")
     if rank == 0:
-        world = int(meta["layout"]["world_size"])
-        missing = [r for r in range(world) if not os.path.exists(os.path.join(tmp, rank_file(r)))]
-        if missing:
-            raise CheckpointError(f"ranks {missing} did not write into {tmp}: is run_dir on a shared filesystem?")
-        _atomic_write_text(os.path.join(tmp, "meta.json"),
-                           json.dumps({**meta, "step": step, "format": FORMAT_VERSION, "time": time.time()},
-                                      indent=1, sort_keys=True, default=str))
-        if os.path.exists(final):  # re-saving a step after a resume: replace the old copy
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(os.path.join(root, LATEST), step_dir_name(step))
-        _prune(root, keep)
-    barrier()
+        try:
+            world = int(meta["layout"]["world_size"])
+            missing = [r for r in range(world) if not os.path.exists(os.path.join(tmp, rank_file(r)))]
+            if missing:
+                raise CheckpointError(f"ranks {missing} did not write into {tmp}: is run_dir on a shared filesystem?")
+            _atomic_write_text(os.path.join(tmp, "meta.json"),
+                               json.dumps({**meta, "step": step, "format": FORMAT_VERSION, "time": time.time()},
+                                          indent=1, sort_keys=True, default=str))
+            if os.path.exists(final):  # re-saving a step after a resume: replace the old copy
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(os.path.join(root, LATEST), step_dir_name(step))
+            _prune(root, keep)
+        except (OSError, CheckpointError) as exc:
+            error = str(exc)
+    if not agree(not error):
+        raise CheckpointError(error or f"rank 0 failed to commit checkpoint step {step} (see its log)")
     return final
 
 

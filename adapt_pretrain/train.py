@@ -198,7 +198,15 @@ class Trainer:
 
     def save(self) -> str:
         return save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
-                               _barrier, keep=self.cfg.train.keep_checkpoints)
+                               _barrier, keep=self.cfg.train.keep_checkpoints, all_ok=self._all_ok)
+
+    def _all_ok(self, ok: bool) -> bool:
+        """True on every rank only if `ok` is True on every rank (a MIN all-reduce)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def _resume(self, where: str) -> None:
         path = find_checkpoint(self.ckpt_root if where == "auto" else where)

@@ -1,9 +1,10 @@
 """ADAPT off is plain training, bit for bit.
 
 The harness (`Trainer` with `adapt.enabled=false`) is compared against a plain megatron-core training
-loop written here from scratch: same model/optimiser builders and seed, the same micro-batches, the
-textbook per-token loss `sum(mask * CE) / sum(mask)` over the step (backward of the sum, megatron's
-standard `finalize_model_grads`, gradients scaled by 1 / tokens), AdamW step, LR schedule step.
+loop written here from scratch: same model/optimiser builders and seed, the same micro-batches,
+GPTModel's own loss (`model(tokens, positions, None, labels=labels)`, as megatron's pretrain_gpt) masked
+and summed over the step (backward of the sum, megatron's standard `finalize_model_grads`, gradients
+scaled by 1 / tokens), AdamW step, LR schedule step: no ADAPT code on the loss path.
 Losses and every parameter after 3 steps must be *equal* (torch.equal), not close: the flag must not
 perturb a single bit when it is off. Runs in one real gloo process (spawned) so megatron's global
 state never leaks into the test process.
@@ -49,7 +50,6 @@ def _plain(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
     """A textbook megatron-core loop without any ADAPT code on the loss path."""
     import dataclasses
 
-    import torch.nn.functional as F
     from megatron.core.distributed import finalize_model_grads
 
     from adapt_pretrain.data.stream import DataStream
@@ -68,11 +68,10 @@ def _plain(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
         for _ in range(cfg.layout(1)["num_microbatches"]):
             batch = next(data)
             b, s = batch["tokens"].shape
-            logits = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None)
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
-                                 reduction="none")
+            # GPTModel's own loss path (labels given): per-token CE [b, s], as megatron's pretrain_gpt uses it
+            ce = model(batch["tokens"], torch.arange(s).unsqueeze(0).expand(b, s), None, labels=batch["labels"])
             mask = batch["loss_mask"].reshape(-1).float()
-            micro_sum = (ce * mask).sum()
+            micro_sum = torch.sum(ce.reshape(-1).float() * mask)
             micro_sum.backward()
             loss_sum += float(micro_sum.detach().double())
             tokens += int(mask.sum())
