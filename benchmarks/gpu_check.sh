@@ -14,9 +14,9 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 VENV=${GPU_CHECK_VENV:-.venv-gpu}
 if [ "$VENV" != none ]; then
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV" || { echo "gpu_check: cannot create $VENV"; exit 3; }
   # shellcheck disable=SC1091
-  . "$VENV/bin/activate"
+  . "$VENV/bin/activate" || exit 3
 fi
 PY=python
 
