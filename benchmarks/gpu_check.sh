@@ -7,10 +7,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 LOG_DIR=${GPU_CHECK_LOGS:-gpu_check_logs}
-mkdir -p "$LOG_DIR"
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv \
   || { echo "gpu_check: no NVIDIA GPU (nvidia-smi missing)"; exit 2; }
+mkdir -p "$LOG_DIR"
 
 VENV=${GPU_CHECK_VENV:-.venv-gpu}
 if [ "$VENV" != none ]; then
