@@ -102,7 +102,10 @@ def ce_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, grou
         if full_vocab and in_fp32 and not x.is_set_to(buf):
             torch._softmax(x, -1, False, out=buf)
         else:
-            torch.sub(x, lse[s:e, None], out=buf)
+            if x.dtype == buf.dtype:
+                torch.sub(x, lse[s:e, None], out=buf)
+            else:  # upcast in place: a mixed-dtype sub would allocate a converted copy per chunk
+                buf.copy_(x).sub_(lse[s:e, None])
             buf.exp_()
         buf.mul_(scale[s:e, None])
         rows = inside[s:e].nonzero().squeeze(1)
