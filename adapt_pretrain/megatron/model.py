@@ -131,6 +131,12 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]
             )
         if gpu:
             gpt.cuda(torch.cuda.current_device())
+        if config.bf16:
+            # as megatron's trainer does: casts every param (torch norms are built in fp32) to bf16,
+            # bf16 inputs on the first stage, fp32 logits out of the last
+            from megatron.core.transformer.module import Float16Module
+
+            gpt = Float16Module(config, gpt)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -146,7 +152,7 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]
 
 
 def unwrap(chunk: nn.Module) -> nn.Module:
-    """The GPTModel inside a (possibly nested) DDP / Float16Module wrapper."""
+    """The GPTModel inside DDP (and, for bf16, Float16Module)."""
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk

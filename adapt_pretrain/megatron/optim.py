@@ -57,6 +57,68 @@ def build_optimizer(model_chunks: list[nn.Module], optim: OptimConfig) -> tuple[
     return optimizer, scheduler
 
 
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    return list(optimizer.chained_optimizers) if hasattr(optimizer, "chained_optimizers") else [optimizer]
+
+
+def _distributed_param_maps(dist_opt: Any):
+    """Model params of a DistributedOptimizer in its fixed bucket order (this rank's shards)."""
+    for gbuf_range_maps in dist_opt.gbuf_ranges:
+        for maps in gbuf_range_maps.values():
+            for gbuf_range_map in maps:
+                yield from gbuf_range_map["param_map"]
+
+
+def optimizer_state_dict(optimizer: Any) -> dict[str, Any]:
+    """This rank's complete optimizer state, for a same-layout resume.
+
+    megatron's `state_dict()` omits the distributed optimizer's sharded tensors (fp32 main params,
+    Adam moments), and its per-rank getters/loaders do not round-trip in 0.16.1 (the
+    `dp_reshardable` loader expects a `padding` field only the sharded-checkpoint path adds). So
+    each distributed optimizer's shard is saved as {param, exp_avg, exp_avg_sq, step} per model
+    param, in the optimizer's own bucket order.
+    """
+    shards = []
+    for inner in _inner_optimizers(optimizer):
+        if hasattr(inner, "_get_main_param_and_optimizer_states"):
+            shards.append([{k: v.detach().cpu().clone() for k, v in
+                            inner._get_main_param_and_optimizer_states(p).items()}
+                           for p in _distributed_param_maps(inner)])
+        else:
+            shards.append(None)
+    return {"megatron": optimizer.state_dict(), "distributed_shards": shards}
+
+
+def load_optimizer_state_dict(optimizer: Any, state: dict[str, Any]) -> None:
+    """Inverse of `optimizer_state_dict` (same layout)."""
+    optimizer.load_state_dict(state["megatron"])  # also allocates the distributed optimizer's state
+    for inner, shard in zip(_inner_optimizers(optimizer), state["distributed_shards"]):
+        if shard is None:
+            continue
+        params = list(_distributed_param_maps(inner))
+        if len(params) != len(shard):
+            raise ValueError(f"optimizer shard has {len(shard)} params, this layout {len(params)}")
+        for param, tensors in zip(params, shard):
+            device = param.device
+            inner._set_main_param_and_optimizer_states(param, {k: v.to(device) for k, v in tensors.items()})
+    _unalias_adam_steps(optimizer)
+
+
+def _unalias_adam_steps(optimizer: Any) -> None:
+    """megatron-core 0.16.1's DistributedOptimizer.load_state_dict (no apex/TE) gives every param
+    state the SAME `step` tensor; torch's AdamW increments each state's step, so a shared tensor
+    would be advanced once per parameter and the bias correction after a resume would be wrong.
+    Give each state its own copy."""
+    for inner in _inner_optimizers(optimizer):
+        torch_opt = getattr(inner, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.Optimizer):
+            continue
+        for param_state in torch_opt.state.values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.clone()
+
+
 def current_lr(optimizer: Any) -> float:
     """The learning rate the next update uses (first param group; all share it here)."""
     return float(optimizer.param_groups[0]["lr"])

@@ -35,7 +35,7 @@ from adapt_pretrain.megatron.batch import chunk_iterators, padding_micro_batch, 
 from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
 from adapt_pretrain.megatron.loss import StepAccumulator, TPContext, adapt_loss, group_signal_input
 from adapt_pretrain.megatron.model import HiddenCapture, unwrap
-from adapt_pretrain.megatron.optim import current_lr
+from adapt_pretrain.megatron.optim import current_lr, load_optimizer_state_dict, optimizer_state_dict
 
 GROUP_KEYS = ("weights", "scores", "group_domain", "group_doc_id", "group_tokens", "group_loss_sum")
 
@@ -248,15 +248,15 @@ class TrainStep:
         return event
 
     def state_dict(self) -> dict[str, Any]:
-        """Model chunks, optimizer (+ distributed-optimizer shard on GPU), scheduler, engine: this rank's."""
+        """This rank's model chunks, optimizer (incl. the distributed optimizer's shard), scheduler and
+        engine; for a resume with the same layout. Tensors may alias live state: save (or deep-copy)
+        before the next step."""
         state: dict[str, Any] = {
             "model": [unwrap(c).state_dict() for c in self.chunks],
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state_dict(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "engine": self.engine.state_dict(),
         }
-        if hasattr(self.optimizer, "get_parameter_state_dp_reshardable"):
-            state["optimizer_param_state"] = self.optimizer.get_parameter_state_dp_reshardable()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,9 +264,7 @@ class TrainStep:
             raise ValueError(f"checkpoint has {len(state['model'])} model chunks, this layout {len(self.chunks)}")
         for chunk, chunk_state in zip(self.chunks, state["model"]):
             unwrap(chunk).load_state_dict(chunk_state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if "optimizer_param_state" in state:
-            self.optimizer.load_parameter_state_from_dp_reshardable(state["optimizer_param_state"])
+        load_optimizer_state_dict(self.optimizer, state["optimizer"])
         # megatron's scheduler *adds* the saved step count (step(increment=num_steps)): start from 0
         # so loading into a scheduler that has already stepped (in-process rollback) is exact too.
         self.scheduler.num_steps = 0
