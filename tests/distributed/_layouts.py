@@ -101,7 +101,8 @@ def _build(layout: dict, init: Optional[dict], activation: str = "gelu"):
     return info, parallel, model, chunks
 
 
-def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standardize: bool = True) -> dict[str, Any]:
+def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standardize: bool = True,
+               check_resume: bool = False) -> dict[str, Any]:
     """`steps` ADAPT steps with anchor refreshes; returns losses, norms, centroid, refresh steps."""
     import torch.distributed as dist
 
@@ -123,6 +124,21 @@ def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standar
         out["lr"].append(result.lr)
         if result.groups is not None:
             out["weights"].append(result.groups["weights"])
+    if check_resume:
+        # state_dict round trip on every rank: redoing the next step after reloading is exact
+        import copy
+
+        from adapt_pretrain.megatron.reshard import gather_full_state_dict
+
+        saved = copy.deepcopy(step_fn.state_dict())
+        batch = _shard(global_batches(steps), info.dp_rank, info.dp_size)
+        first = step_fn(steps, batch)
+        params_first = gather_full_state_dict(chunks)
+        step_fn.load_state_dict(saved)
+        again = step_fn(steps, batch)
+        params_again = gather_full_state_dict(chunks)
+        out["resume_exact"] = first.loss == again.loss and all(
+            torch.equal(params_first[k], params_again[k]) for k in params_first)
     # per-group weights live on the last stage: fetch the logging rank's (last stage, TP 0, DP 0)
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, out["weights"] if info.is_logging_rank else None)
@@ -245,9 +261,9 @@ def run_layouts(rank: int, world_size: int, layouts: list[dict], init: Optional[
         timing["gather"] = time.perf_counter() - t0 - timing["one"]
         load_full_state_dict(chunks, init_here)
         t0 = time.perf_counter()
-        res["adapt"] = _adapt_run(info, parallel, model, chunks, True, STEPS)
+        res["adapt"] = _adapt_run(info, parallel, model, chunks, True, STEPS, check_resume=True)
         timing["adapt"] = time.perf_counter() - t0
-        res["adapt"].update(_gather(chunks))
+        res["adapt"].update(_gather(chunks))  # (after the resume check's extra step)
         if with_plain:
             load_full_state_dict(chunks, init_here)
             off = _adapt_run(info, parallel, model, chunks, False, 1)

@@ -3,8 +3,10 @@
 The single-process run on the global batch is the reference. Every (TP, PP, DP, VP) layout loads
 the reference's initial weights (mapped onto its shards) and runs (a) one weighted ADAPT step:
 same loss, grad norm, gradients, parameter update and weights; (b) 3 ADAPT steps (anchor refresh at
-steps 0 and 2, standardised weights from step 1): same losses, grad norms, final gradients,
-parameters, weights and centroid, the centroid bit-identical on every rank.
+steps 0 and 2, standardised weights from step 1): same losses, grad norms, weights and centroid,
+the centroid bit-identical on every rank; then state_dict() is saved, step 3 run, the state
+reloaded and step 3 redone: bit-identical on every rank; the final gradients and parameters (after
+step 3) match the reference.
 
 Tolerance: 1e-5 relative (per tensor, relative to its largest entry). Everything is fp32; layouts
 differ only in float reduction order (TP all-reduce of partial matmul sums, DP gradient sums,
@@ -112,6 +114,7 @@ def _check_against_reference(res: dict, ref: dict, name: str) -> None:
         allowed = 1e-3 * lr + 2 * STEPS * ULP * r["params"][key].abs()
         excess = float(((a["params"][key] - r["params"][key]).abs() - allowed).max())
         assert excess <= 0, f"{name}: parameter {key} after {STEPS} steps exceeds the bound by {excess:.2e}"
+    assert a["resume_exact"], f"{name}: reloading state_dict() and redoing a step is not exact"
     assert a["centroid_identical_all"], f"{name}: centroid differs between ranks"
     torch.testing.assert_close(a["centroid"], r["centroid"], rtol=RTOL, atol=1e-7)
     # the global batch's per-group rows were gathered over DP on the last stage
