@@ -169,6 +169,15 @@ class HiddenCapture:
         self._hidden: Optional[torch.Tensor] = None
         self._handle = gpt.output_layer.register_forward_pre_hook(self._hook)
 
+    @classmethod
+    def attach(cls, gpt: nn.Module) -> "HiddenCapture":
+        """The module's capture, created once (several TrainSteps on one model share it)."""
+        capture = getattr(gpt, "_adapt_hidden_capture", None)
+        if capture is None:
+            capture = cls(gpt)
+            gpt._adapt_hidden_capture = capture
+        return capture
+
     def _hook(self, module: nn.Module, args: tuple) -> None:
         self._hidden = args[0]
 

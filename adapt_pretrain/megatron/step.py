@@ -98,7 +98,7 @@ class TrainStep:
         self.is_last_stage = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.forward_backward = get_forward_backward_func()
         self.acc = StepAccumulator(self.device)
-        self.capture = {id(c): HiddenCapture(unwrap(c)) for c in model_chunks if unwrap(c).post_process}
+        self.capture = {id(c): HiddenCapture.attach(unwrap(c)) for c in model_chunks if unwrap(c).post_process}
         self._step = 0
         self._mode = "train"
         self._anchor_sums: Optional[torch.Tensor] = None

@@ -156,6 +156,31 @@ def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standar
     return out
 
 
+def _skip_check(info, parallel, model, chunks, init: dict) -> dict[str, Any]:
+    """Poison one weight with NaN: the step must report skipped, leave the other weights and the
+    LR schedule untouched, and the next clean step must update normally."""
+    from adapt_pretrain.core import AdaptEngine
+    from adapt_pretrain.megatron import TrainStep, build_optimizer
+    from adapt_pretrain.megatron.reshard import gather_full_state_dict, load_full_state_dict
+
+    poisoned = dict(init)
+    key = "decoder.final_layernorm.weight"
+    poisoned[key] = init[key].clone()
+    poisoned[key][0] = float("nan")
+    load_full_state_dict(chunks, poisoned)
+    optimizer, scheduler = build_optimizer(chunks, optim_cfg())
+    step_fn = TrainStep(chunks, optimizer, scheduler, AdaptEngine(adapt_cfg(False)), model, parallel,
+                        GLOBAL_MICROBATCHES // info.dp_size)
+    result = step_fn(0, _shard(global_batches(0), info.dp_rank, info.dp_size))
+    after = gather_full_state_dict(chunks)
+    unchanged = all(torch.equal(after[k], poisoned[k]) for k in init if k != key)
+    load_full_state_dict(chunks, init)
+    clean = step_fn(1, _shard(global_batches(1), info.dp_rank, info.dp_size))
+    return {"skipped": result.skipped, "loss_finite": math.isfinite(result.loss), "unchanged": unchanged,
+            "scheduler_steps": scheduler.num_steps, "clean_skipped": clean.skipped,
+            "clean_loss_finite": math.isfinite(clean.loss)}
+
+
 def _gather(chunks) -> dict[str, dict]:
     from adapt_pretrain.megatron.reshard import gather_full_state_dict
 
@@ -264,6 +289,8 @@ def run_layouts(rank: int, world_size: int, layouts: list[dict], init: Optional[
         res["adapt"] = _adapt_run(info, parallel, model, chunks, True, STEPS, check_resume=True)
         timing["adapt"] = time.perf_counter() - t0
         res["adapt"].update(_gather(chunks))  # (after the resume check's extra step)
+        if init is None:  # reference process only: a non-finite loss skips the update everywhere
+            res["skip"] = _skip_check(info, parallel, model, chunks, init_here)
         if with_plain:
             load_full_state_dict(chunks, init_here)
             off = _adapt_run(info, parallel, model, chunks, False, 1)

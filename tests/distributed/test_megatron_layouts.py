@@ -148,3 +148,11 @@ def test_layout_world4(layouts_4, reference, index):
     _check_against_reference(res, reference, name)
     assert res["off_equals_plain"], f"{name}: ADAPT off != plain (max diff {res['off_max_diff']:.3g})"
     assert res["off_loss"] == res["plain_loss"], name
+
+
+def test_nonfinite_loss_skips_update(reference):
+    skip = reference["skip"]
+    assert skip["skipped"] and not skip["loss_finite"]
+    assert skip["unchanged"], "a skipped step changed parameters"
+    assert skip["scheduler_steps"] == 1, "only the clean step advances the LR schedule"
+    assert not skip["clean_skipped"] and skip["clean_loss_finite"]
