@@ -288,31 +288,28 @@ class TrainStep:
         return out.to(tensor.device)
 
     def _gather_groups(self) -> dict[str, torch.Tensor]:
-        """Concatenate this rank's per-micro-batch group rows, then all-gather over DP (padded)."""
+        """Concatenate this rank's per-micro-batch group rows, then all-gather them over DP.
+
+        One padded all-gather of all fields packed as float64 (exact for the int64 ids/domains
+        below 2^53 and the fp32 values), plus one for the row counts.
+        """
         rows = self.acc.groups
-        local = {}
-        for key in GROUP_KEYS:
-            parts = [r[key].to(self.device) for r in rows if key in r]
-            if len(parts) == len(rows) and parts:
-                local[key] = torch.cat(parts)
+        keys = [k for k in GROUP_KEYS if rows and all(k in r for r in rows)]
+        local = {k: torch.cat([r[k].to(self.device) for r in rows]) for k in keys}
         if self.dp_size == 1:
             return {k: v.cpu() for k, v in local.items()}
-        count = torch.tensor([next(iter(local.values())).numel() if local else 0], device=self.device)
-        counts = [torch.zeros_like(count) for _ in range(self.dp_size)]
-        dist.all_gather(counts, count, group=self.dp_group)
+        dtypes = {k: v.dtype for k, v in local.items()}
+        n = next(iter(local.values())).numel() if local else 0
+        counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.dp_size)]
+        dist.all_gather(counts, torch.tensor([n], device=self.device), group=self.dp_group)
         sizes = [int(c) for c in counts]
-        width = max(sizes)
-        out = {}
-        for key in GROUP_KEYS:
-            if key not in local:
-                continue
-            value = local[key]
-            padded = torch.zeros(width, dtype=value.dtype, device=self.device)
-            padded[:value.numel()] = value
-            gathered = [torch.zeros_like(padded) for _ in range(self.dp_size)]
-            dist.all_gather(gathered, padded, group=self.dp_group)
-            out[key] = torch.cat([g[:n] for g, n in zip(gathered, sizes)]).cpu()
-        return out
+        packed = torch.zeros(len(keys), max(sizes), dtype=torch.float64, device=self.device)
+        for i, key in enumerate(keys):
+            packed[i, :n] = local[key].double()
+        gathered = [torch.empty_like(packed) for _ in range(self.dp_size)]
+        dist.all_gather(gathered, packed, group=self.dp_group)
+        full = torch.cat([g[:, :size] for g, size in zip(gathered, sizes)], dim=1)
+        return {key: full[i].to(dtypes[key]).cpu() for i, key in enumerate(keys)}
 
 
 def _unused_loss_func(output: torch.Tensor):  # pragma: no cover - megatron only calls it on the last stage
