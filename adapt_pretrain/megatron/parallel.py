@@ -74,7 +74,7 @@ def setup_parallel(parallel: ParallelConfig, seed: int) -> ParallelInfo:
     compat = cpu_compat.activate()
     world = dist.get_world_size()
     parallel.resolve(world)
-    if torch.cuda.is_available() and not torch.cuda.is_initialized():
+    if torch.cuda.is_available():  # also when a launcher (deepspeed) initialised the group already
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
