@@ -219,11 +219,18 @@ class Trainer:
         meta = read_meta(path)
         check_resume_compatible(meta, self.cfg.to_dict(), self.layout)
         state = load_rank_state(path, self.info.rank)
-        self.step_fn.load_state_dict(state["step_fn"])
-        self.engine.load_state_dict(state["engine"])
-        self.loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.state = LoopState(**state["loop"])
+        try:
+            self.step_fn.load_state_dict(state["step_fn"])
+            self.engine.load_state_dict(state["engine"])
+            self.loader.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            self.state = LoopState(**state["loop"])
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"cannot load {path}: it was written by an incompatible version of the trainer "
+                                  f"or its parts ({type(exc).__name__}: {exc}). Start a new run_dir, or resume with "
+                                  "the version that wrote it.") from exc
         self.resumed_from = path
         if self.info.rank == 0:
             print(f"[adapt-pretrain] resumed from {path} at step {self.state.step}", flush=True)
