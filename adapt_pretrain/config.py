@@ -13,6 +13,7 @@ from typing import Any, Mapping
 SIGNALS = ("embed", "bm25", "embed-static")
 NORMALIZE_MODES = ("weights", "tokens", "sum")
 POLICIES = ("adapt", "uniform", "linupper")
+STANDARDIZE_SCOPES = ("running", "micro_batch")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,9 @@ class AdaptConfig:
     normalize: `weights` (sum m w l / sum m w, global), `tokens` (/ sum m), or `sum`.
     policy: `adapt` (similarity weights), `uniform` (w = 1), `linupper` (Sow et al. loss reweighting).
     standardize_momentum: EMA factor of the running score mean/variance.
+    standardize_scope: `running` (global statistics of previous steps: a group's weight does not depend
+        on its batch-mates, but lags a fast-moving model) or `micro_batch` (z-score among the groups of
+        the same micro-batch: no lag; equal across parallel layouts for the same micro-batches).
     linupper_d, linupper_r: LinUpper's clip range and softmax temperature.
     num_anchors: anchor documents used (the paper uses 50 per target).
     """
@@ -55,7 +59,8 @@ class AdaptConfig:
     w_min: float = 0.0
     w_max: float = 10.0
     standardize: bool = False
-    standardize_momentum: float = 0.99
+    standardize_momentum: float = 0.5
+    standardize_scope: str = "running"
     warmup_steps: int = 0
     refresh_interval: int = 50
     normalize: str = "weights"
@@ -72,6 +77,7 @@ class AdaptConfig:
         _check_choice("signal", self.signal, SIGNALS)
         _check_choice("normalize", self.normalize, NORMALIZE_MODES)
         _check_choice("policy", self.policy, POLICIES)
+        _check_choice("standardize_scope", self.standardize_scope, STANDARDIZE_SCOPES)
         self.tau = _check_number("tau", self.tau)
         if self.tau <= 0:
             raise ConfigError(f"adapt.tau={self.tau} must be > 0")

@@ -45,12 +45,16 @@ def group_loss_means(token_loss: torch.Tensor, loss_mask: torch.Tensor, group_id
 class AdaptEngine:
     """Per-step ADAPT weighting and loss; holds the anchor centroid and running statistics."""
 
+    MAX_KEPT_EMBEDDINGS = 4096  # per rank: bounds the memory kept for re-estimating statistics
+
     def __init__(self, cfg: AdaptConfig):
         self.cfg = cfg
         self.anchors = AnchorState(cfg.refresh_interval)
         self.score_stats = RunningScoreStats(cfg.standardize_momentum)
         self.loss_range: tuple[float, float] | None = None  # LinUpper: previous global batch's (min, max)
         self._score_partials: torch.Tensor | None = None
+        self._step_units: list[torch.Tensor] = []          # this step's unit embeddings (standardize)
+        self._previous_units: torch.Tensor | None = None   # last step's, to re-estimate stats at a refresh
         self._loss_min: torch.Tensor | None = None
         self._loss_max: torch.Tensor | None = None
 
@@ -58,6 +62,11 @@ class AdaptEngine:
     @property
     def uses_hidden_states(self) -> bool:
         return self.cfg.enabled and self.cfg.policy == "adapt" and self.cfg.signal == "embed"
+
+    @property
+    def _standardize_running(self) -> bool:
+        return (self.cfg.enabled and self.cfg.policy == "adapt" and self.cfg.standardize
+                and self.cfg.standardize_scope == "running")
 
     def weighting_active(self, step: int) -> bool:
         return self.cfg.enabled and self.cfg.policy != "uniform" and step >= self.cfg.warmup_steps
@@ -72,9 +81,26 @@ class AdaptEngine:
         unit, valid = unit_rows(pool_groups(hidden, group_ids, positions, num_groups))
         return unit.sum(dim=0), valid.sum().float()
 
-    def finish_anchor_refresh(self, unit_sum: torch.Tensor, count: torch.Tensor, step: int) -> dict[str, float]:
-        """Set the centroid from all-reduced anchor sums (identical inputs give identical centroids)."""
-        return self.anchors.update(unit_sum, count, step)
+    def finish_anchor_refresh(self, unit_sum: torch.Tensor, count: torch.Tensor, step: int,
+                              all_reduce_sum: Reduce | None = None) -> dict[str, float]:
+        """Set the centroid from all-reduced anchor sums (identical inputs give identical centroids).
+
+        With `standardize`, a new centroid shifts every score at once, so statistics gathered under the
+        old one would saturate the sigmoid. They are re-estimated here from the previous step's group
+        embeddings scored against the new centroid (collective over DP when `all_reduce_sum` is given:
+        call it on every rank).
+        """
+        event = self.anchors.update(unit_sum, count, step)
+        if self._standardize_running and self.cfg.signal == "embed":
+            centroid = self.anchors.centroid
+            if self._previous_units is not None:
+                partial = RunningScoreStats.partial_sums(self._previous_units @ centroid.to(self._previous_units.device))
+            else:
+                partial = torch.zeros(3, dtype=torch.float64, device=centroid.device)
+            reduced = (all_reduce_sum or (lambda t: t))(partial)
+            if self.score_stats.reset(reduced):
+                event["score_mean"], event["score_std"] = self.score_stats.mean, self.score_stats.std
+        return event
 
     # ----- weights --------------------------------------------------------------------------------
     def group_weights(self, hidden: torch.Tensor | None, group_ids: torch.Tensor, positions: torch.Tensor,
@@ -85,7 +111,8 @@ class AdaptEngine:
         zeros = torch.zeros(num_groups, dtype=torch.float32, device=device)
         if not self.cfg.enabled or self.cfg.policy != "adapt":
             return GroupWeights(ones, zeros)
-        standardized = self.cfg.standardize and self.score_stats.initialized
+        running = self.cfg.standardize and self.cfg.standardize_scope == "running"
+        standardized = running and self.score_stats.initialized
         mean, std = (self.score_stats.mean, self.score_stats.std) if standardized else (0.0, 1.0)
         if self.cfg.signal == "embed":
             if hidden is None:
@@ -94,15 +121,21 @@ class AdaptEngine:
                 raise RuntimeError("anchor centroid not computed yet: refresh anchors before the first weighted step")
             pooled = pool_groups(hidden, group_ids, positions, num_groups)
             centroid = self.anchors.centroid.to(device=device, dtype=torch.float32)
+            if running:
+                self._step_units.append(unit_rows(pooled)[0])
             scores, weights = score_and_weight(pooled, centroid, self.cfg.tau, self.cfg.w_min, self.cfg.w_max, mean, std)
         else:
             if static_scores is None:
                 raise ValueError(f"adapt.signal={self.cfg.signal} needs per-group scores from the shards (group_bm25)")
             scores = static_scores.float().to(device)
             weights = weights_from_scores(scores, self.cfg.tau, self.cfg.w_min, self.cfg.w_max, mean, std)
-        if self.cfg.standardize:
+        if running:
             self._accumulate_scores(scores)
-        if not self.weighting_active(step) or (self.cfg.standardize and not standardized):
+        elif self.cfg.standardize and num_groups > 0:  # scope micro_batch: z-score among batch-mates
+            batch_std = scores.double().std(unbiased=False).clamp_min(1e-6)
+            weights = weights_from_scores(scores, self.cfg.tau, self.cfg.w_min, self.cfg.w_max,
+                                          float(scores.double().mean()), float(batch_std))
+        if not self.weighting_active(step) or (running and not standardized):
             weights = ones  # warm-up, or no running statistics yet: uniform for this step
         return GroupWeights(weights.detach().float(), scores.detach().float())
 
@@ -154,7 +187,7 @@ class AdaptEngine:
         """
         identity: Reduce = lambda t: t  # noqa: E731 - single process
         reduce_sum, reduce_max = all_reduce_sum or identity, all_reduce_max or identity
-        if self.cfg.enabled and self.cfg.standardize and self.cfg.policy == "adapt":
+        if self._standardize_running:
             partial = self._score_partials if self._score_partials is not None else torch.zeros(3, dtype=torch.float64)
             self.score_stats.update(reduce_sum(partial.clone()))
         if self.cfg.enabled and self.cfg.policy == "linupper":
@@ -164,14 +197,21 @@ class AdaptEngine:
             reduced = reduce_max(torch.stack([-lo, hi]).double())
             if torch.isfinite(reduced).all():
                 self.loss_range = (float(-reduced[0]), float(reduced[1]))
+        if self._step_units:
+            self._previous_units = torch.cat(self._step_units)[-self.MAX_KEPT_EMBEDDINGS:]
+        self._step_units = []
         self._score_partials = self._loss_min = self._loss_max = None
 
     # ----- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        previous = None if self._previous_units is None else self._previous_units.cpu().clone()
         return {"anchors": self.anchors.state_dict(), "score_stats": self.score_stats.state_dict(),
-                "loss_range": self.loss_range}
+                "loss_range": self.loss_range, "previous_units": previous}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.anchors.load_state_dict(state["anchors"])
         self.score_stats.load_state_dict(state["score_stats"])
         self.loss_range = None if state["loss_range"] is None else tuple(state["loss_range"])
+        previous = state.get("previous_units")
+        device = self.anchors.centroid.device if self.anchors.centroid is not None else "cpu"
+        self._previous_units = None if previous is None else previous.to(device)

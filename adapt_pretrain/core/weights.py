@@ -24,7 +24,7 @@ def weights_from_scores(scores: torch.Tensor, tau: float, w_min: float, w_max: f
 class RunningScoreStats:
     """EMA of the mean and variance of scores over global batches."""
 
-    momentum: float = 0.99
+    momentum: float = 0.5
     mean: float = 0.0
     var: float = 1.0
     initialized: bool = False
@@ -49,6 +49,14 @@ class RunningScoreStats:
         m = self.momentum
         self.mean = m * self.mean + (1 - m) * batch_mean
         self.var = m * self.var + (1 - m) * batch_var
+
+    def reset(self, reduced: torch.Tensor) -> bool:
+        """Replace the statistics by one global batch's [count, sum, sumsq]; False if it was empty."""
+        if float(reduced[0]) <= 0:
+            return False
+        self.initialized = False
+        self.update(reduced)
+        return True
 
     @property
     def std(self) -> float:

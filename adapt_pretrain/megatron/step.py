@@ -243,7 +243,8 @@ class TrainStep:
         if self.pp_size > 1:
             dist.broadcast(sums, src=self.pp_last_rank, group=self.pp_group)
         self._anchor_sums = None
-        event = self.engine.finish_anchor_refresh(sums[:hidden_size].float(), sums[hidden_size].float(), step)
+        event = self.engine.finish_anchor_refresh(sums[:hidden_size].float(), sums[hidden_size].float(), step,
+                                                  all_reduce_sum=self._reduce_sum)
         event["refresh_time_s"] = time.perf_counter() - start
         return event
 

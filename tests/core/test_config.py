@@ -10,6 +10,7 @@ def test_defaults_are_valid_and_off():
 
 
 @pytest.mark.parametrize("field,value", [
+    ("standardize_scope", "global"),
     ("signal", "cosine"), ("normalize", "mean"), ("policy", "doremi"), ("tau", 0.0), ("tau", -1),
     ("tau", "hot"), ("w_min", -0.1), ("w_max", 0.0), ("refresh_interval", 0), ("warmup_steps", -1),
     ("enabled", "yes"), ("standardize", 1), ("num_anchors", 0), ("standardize_momentum", 1.0),

@@ -119,3 +119,36 @@ def test_anchor_refresh_schedule_and_state_round_trip():
     assert torch.equal(restored.anchors.centroid, engine.anchors.centroid)
     assert not restored.needs_anchor_refresh(1)
     assert not AdaptEngine(AdaptConfig(enabled=False)).needs_anchor_refresh(0)
+
+
+def test_standardize_statistics_are_reestimated_under_a_new_centroid():
+    a1 = packed_batch([6, 6], seed=13)
+    a2 = packed_batch([5, 9, 4], seed=14)
+    step0 = packed_batch([4, 5, 6, 7, 3], seed=15)
+    cfg = AdaptConfig(enabled=True, standardize=True, refresh_interval=1)
+    engine = engine_with_anchors(cfg, a1["hidden"], a1["group_ids"], a1["positions"], 2)
+    engine.group_weights(step0["hidden"].float(), step0["group_ids"], step0["positions"], 5, step=0)
+    engine.end_step()
+    s, c = engine.anchor_partial(a2["hidden"].float(), a2["group_ids"], a2["positions"], 3)
+    engine.finish_anchor_refresh(s, c, step=1)
+    # independent: previous step's document embeddings scored against the new anchors' centroid
+    docs = reference_embeddings(step0["hidden"], step0["group_ids"], step0["positions"], 5)
+    centroid = reference_embeddings(a2["hidden"], a2["group_ids"], a2["positions"], 3).mean(0)
+    scores = docs @ centroid
+    assert abs(engine.score_stats.mean - scores.mean().item()) < 1e-5
+    assert abs(engine.score_stats.var - scores.var(unbiased=False).item()) < 1e-6
+    restored = AdaptEngine(cfg)
+    restored.load_state_dict(engine.state_dict())
+    assert torch.equal(restored._previous_units, engine._previous_units)
+
+
+def test_micro_batch_standardization_z_scores_among_batch_mates():
+    a = packed_batch([6, 6], seed=16)
+    b = packed_batch([4, 5, 6, 7, 3, 9], seed=17)
+    cfg = AdaptConfig(enabled=True, standardize=True, standardize_scope="micro_batch", tau=0.5)
+    engine = engine_with_anchors(cfg, a["hidden"], a["group_ids"], a["positions"], 2)
+    gw = engine.group_weights(b["hidden"].float(), b["group_ids"], b["positions"], 6, step=0)
+    anchors = reference_embeddings(a["hidden"], a["group_ids"], a["positions"], 2)
+    s = reference_embeddings(b["hidden"], b["group_ids"], b["positions"], 6) @ anchors.mean(0)
+    expected = torch.sigmoid((s - s.mean()) / s.std(unbiased=False) / 0.5)
+    torch.testing.assert_close(gw.weights.double(), expected, rtol=1e-4, atol=1e-4)
