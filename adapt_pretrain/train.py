@@ -149,6 +149,7 @@ class Trainer:
 
         manifest = Manifest.load(self.data_cfg.data_dir)
         self.domains = list(manifest.domains)
+        self.tokenizer_path = manifest.tokenizer_path
         if manifest.vocab_size > self.cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size={self.cfg.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary ({manifest.vocab_size}) in {self.data_cfg.data_dir}")
@@ -268,6 +269,7 @@ class Trainer:
             refresh_s = self._refresh_anchors(step)
         t0 = time.perf_counter()
         micro = self._next_micro_batches()
+        self._last_micro = micro
         out = self.step_fn(step, micro)
         step_s = time.perf_counter() - t0
         loss = float(out.loss)
@@ -384,8 +386,13 @@ class Trainer:
         return out
 
     def _extreme_rows(self, groups: dict[str, torch.Tensor], k: int = 5) -> list[dict[str, Any]]:
-        """The k highest- and lowest-weighted documents of this step (a W&B/local table)."""
-        weights = groups["weights"].float()
+        """The k highest- and lowest-weighted documents of this step (a W&B/local table).
+
+        Picked among the logging rank's own groups (its 1/DP share of the global batch, the first
+        rows of the DP gather), whose tokens it holds, so every row carries a text snippet.
+        """
+        local = sum(int(mb["num_groups"]) for mb in self._last_micro)
+        weights = groups["weights"].float()[:local]
         order = torch.argsort(weights, descending=True, stable=True).tolist()
         picks = order[:k] + [i for i in order[-k:] if i not in order[:k]]
         rows = []
@@ -393,8 +400,25 @@ class Trainer:
             domain = int(groups["group_domain"][i])
             rows.append({"domain": self.domains[domain] if 0 <= domain < len(self.domains) else str(domain),
                          "doc_id": int(groups["group_doc_id"][i]), "weight": float(weights[i]),
-                         "score": float(groups["scores"][i]), "tokens": float(groups["group_tokens"][i])})
+                         "score": float(groups["scores"][i]), "tokens": float(groups["group_tokens"][i]),
+                         "snippet": self._snippet(i)})
         return rows
+
+    def _snippet(self, index: int, max_tokens: int = 24) -> str:
+        """Decoded first tokens of the index-th local group (groups are numbered per micro-batch)."""
+        for mb in self._last_micro:
+            if index < int(mb["num_groups"]):
+                ids = mb["tokens"].reshape(-1)[mb["group_id"].reshape(-1) == index][:max_tokens]
+                return self._tokenizer().decode(ids.tolist()).replace("\n", " ").strip()
+            index -= int(mb["num_groups"])
+        return ""
+
+    def _tokenizer(self) -> Any:
+        if getattr(self, "_tok", None) is None:
+            from tokenizers import Tokenizer
+
+            self._tok = Tokenizer.from_file(self.tokenizer_path)
+        return self._tok
 
     def close(self) -> None:
         self.monitor.close()
