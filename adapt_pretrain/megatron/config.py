@@ -188,7 +188,7 @@ class OptimConfig:
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
         _positive_int("optim", "total_steps", self.total_steps)
-        if self.warmup_steps > self.total_steps:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be <= optim.total_steps={self.total_steps}")
+        if self.warmup_steps >= self.total_steps:  # megatron's scheduler asserts decay steps > warm-up steps
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be < optim.total_steps={self.total_steps}")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(f"optim.lr_decay_style={self.lr_decay_style!r}; choose one of {', '.join(LR_DECAY_STYLES)}")

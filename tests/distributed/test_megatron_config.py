@@ -51,3 +51,5 @@ def test_parallel_and_optim_rejects():
         OptimConfig(lr_decay_style="step")
     with pytest.raises(ConfigError, match="warmup_steps"):
         OptimConfig(warmup_steps=20, total_steps=10)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        OptimConfig(warmup_steps=10, total_steps=10)
