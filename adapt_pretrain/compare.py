@@ -131,9 +131,6 @@ def evaluate_here(run_dir: str, cfg: CompareConfig) -> dict[str, Any]:
 
 def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str, str]) -> dict[str, Any]:
     """Train (resuming if possible), evaluate and cost one run; returns and caches its result."""
-    from adapt_pretrain.flops import ModelShape
-    from adapt_pretrain.run_config import RunConfig
-
     resumable = R.prepare_run_dir(spec)
     t0 = time.time()
     R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
@@ -141,6 +138,36 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     t1 = time.time()
     R.write_json(os.path.join(spec.run_dir, "eval.json"), evaluate_here(spec.run_dir, cfg))
     eval_s = time.time() - t1
+    return finish(spec, work, train_s, eval_s, resumable, eval_key(cfg))
+
+
+def eval_key(cfg: CompareConfig) -> str:
+    """What a cached eval depends on besides the run: eval settings and the eval code's version."""
+    import hashlib
+    import json
+
+    from adapt_pretrain.evaluate import EVAL_VERSION
+
+    blob = json.dumps({"eval": cfg.eval, "version": EVAL_VERSION, "data": cfg.data_dir}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def reevaluate(spec: RunSpec, cfg: CompareConfig, old: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate a finished run again (eval settings or code changed); training is not repeated."""
+    t1 = time.time()
+    R.write_json(os.path.join(spec.run_dir, "eval.json"), evaluate_here(spec.run_dir, cfg))
+    result = {**old, "eval": R.read_json(os.path.join(spec.run_dir, "eval.json")),
+              "eval_seconds": round(time.time() - t1, 1), "eval_key": eval_key(cfg),
+              **R.metrics_summary(spec.run_dir)}
+    R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
+    return result
+
+
+def finish(spec: RunSpec, work: ScoringWork, train_s: float, eval_s: float, resumable: bool, key: str) -> dict[str, Any]:
+    """Cost the run and cache its result.json (written last: its presence marks a finished run)."""
+    from adapt_pretrain.flops import ModelShape
+    from adapt_pretrain.run_config import RunConfig
+
     rc = RunConfig.from_dict(spec.config)
     steps, per_step = _tokens_per_step(spec.config)
     summary = R.metrics_summary(spec.run_dir)
@@ -150,7 +177,7 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     result = {"method": spec.method, "seed": spec.seed, "fingerprint": spec.fingerprint, "run_dir": spec.run_dir,
               "data_dir": spec.data_dir, "tokens": steps * per_step, "steps": steps, "flops": flops.as_dict(),
               "eval": R.read_json(os.path.join(spec.run_dir, "eval.json")), "train_seconds": round(train_s, 1),
-              "eval_seconds": round(eval_s, 1), "resumed": resumable, **summary}
+              "eval_seconds": round(eval_s, 1), "resumed": resumable, "eval_key": key, **summary}
     R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
     return result
 
@@ -243,12 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
         return 2
     todo = R.pending(specs)
-    log(f"{len(specs)} runs planned, {len(specs) - len(todo)} finished, {len(todo)} to do")
+    key = eval_key(cfg)
+    stale_eval = [s for s in specs if s not in todo and R.cached_result(s).get("eval_key") != key]
+    log(f"{len(specs)} runs planned, {len(specs) - len(todo)} finished ({len(stale_eval)} to re-evaluate), "
+        f"{len(todo)} to do")
     if args.status:
         for s in specs:
             print(f"  {'done' if R.cached_result(s) else 'todo'}  {s.method:<11} seed {s.seed}  {s.run_dir}")
         return 0
     failures = []
+    if not args.report_only and stale_eval:
+        from tqdm import tqdm
+
+        for spec in tqdm(stale_eval, desc="re-evaluating", unit="run"):
+            reevaluate(spec, cfg, R.cached_result(spec))
     if not args.report_only and todo:
         from tqdm import tqdm
 

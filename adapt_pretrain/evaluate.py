@@ -4,9 +4,10 @@ Held-out data: the validation split of a prepared data directory (default: the r
 extra JSONL / JSONL.gz sets (`{"text", "domain"}`; domain defaults to the file name), tokenised
 with the run's tokenizer. Each domain's documents (each + EOS) are packed into seq_len windows,
 exactly as training packs them, and the mean next-token loss over at most `--max-tokens` labels
-is reported. Averages are unweighted means of per-domain losses over the anchor ("seen") domains,
-the others ("unseen") and all, so a big domain cannot hide a small one; their perplexity is
-exp(mean loss), i.e. the geometric mean of the domain perplexities.
+(spread evenly over the domain's documents) is reported. Averages are unweighted means of
+per-domain losses over the anchor ("seen") domains, the others ("unseen") and all, so a big domain
+cannot hide a small one; their perplexity is exp(mean loss), the geometric mean of the domain
+perplexities.
 """
 from __future__ import annotations
 
@@ -22,6 +23,29 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 DEFAULT_MAX_TOKENS = 32768
+EVAL_VERSION = 2  # 2: the per-domain token budget is spread over all documents (1: first documents only)
+
+
+def spread_prefixes(docs: Sequence[np.ndarray], budget: int | None) -> list[np.ndarray]:
+    """Cut documents to a common prefix length so that together they hold about `budget` tokens.
+
+    Why: a domain's first validation document can be unlike the rest (linux_doc's first one is a
+    Chinese translation); taking the first `budget` tokens would make it the whole domain. The
+    cap is the largest length c with sum(min(len, c)) <= budget (water-filling); shorter documents
+    stay whole.
+    """
+    total = sum(len(d) for d in docs)
+    if budget is None or total <= budget:
+        return list(docs)
+    remaining, lens = budget, sorted(len(d) for d in docs)
+    cap = 1
+    for i, length in enumerate(lens):
+        share = remaining // (len(lens) - i)
+        if length > share:
+            cap = max(share, 1)
+            break
+        remaining -= length
+    return [d[:cap] for d in docs]
 
 
 def domain_averages(losses: Mapping[str, float], seen: Iterable[str]) -> dict[str, dict[str, float]]:
@@ -91,12 +115,12 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, extra: Sequence[str]
     sets, source = held_out_sets(data_dir, extra, man.tokenizer_path)
     domains: dict[str, dict[str, Any]] = {}
     for name in tqdm(sorted(sets), desc=f"eval {os.path.basename(run_dir.rstrip('/'))}", disable=not progress):
-        windows, mask = pack_windows(sets[name], man.eos_id, model.seq_len, max_tokens)
+        windows, mask = pack_windows(spread_prefixes(sets[name], max_tokens), man.eos_id, model.seq_len, max_tokens)
         losses = token_losses(model, windows)
         n = float(mask.sum())
         loss = float((losses * mask).sum() / max(n, 1.0))
         domains[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": int(n), "source": source[name]}
-    return {"run": os.path.abspath(run_dir), "step": model.step, "data_dir": os.path.abspath(data_dir),
+    return {"run": os.path.abspath(run_dir), "step": model.step, "eval_version": EVAL_VERSION, "data_dir": os.path.abspath(data_dir),
             "seq_len": model.seq_len, "max_tokens_per_domain": max_tokens, "seen": sorted(seen),
             "domains": domains, "averages": domain_averages({d: v["loss"] for d, v in domains.items()}, seen),
             "seconds": round(time.time() - t0, 2)}

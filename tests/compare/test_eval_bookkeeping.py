@@ -101,3 +101,15 @@ def test_aggregate_mean_std_and_markdown(tmp_path):
     update_marked_block(str(report), "new table")
     text = report.read_text()
     assert "old" not in text and "new table" in text and text.startswith("# R\n\nintro") and text.endswith("reading\n")
+
+
+def test_spread_prefixes_water_filling():
+    from adapt_pretrain.evaluate import spread_prefixes
+
+    docs = [np.arange(100), np.arange(3), np.arange(10)]
+    # budget 20: the 3-token doc stays whole (3), remaining 17 over 2 docs -> share 8; the 10-token doc is
+    # longer than 8 -> cap 8 for the long ones: 8 + 3 + 8 = 19 <= 20
+    out = spread_prefixes(docs, 20)
+    assert [len(d) for d in out] == [8, 3, 8]
+    assert [len(d) for d in spread_prefixes(docs, 1000)] == [100, 3, 10]
+    assert [len(d) for d in spread_prefixes(docs, 30)] == [17, 3, 10]  # 3 + 10 whole, 17 left for the long one
