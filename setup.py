@@ -28,6 +28,7 @@ setup(
         "adapt_pretrain.megatron",
         "adapt_pretrain.deepspeed",
         "adapt_pretrain.monitor",
+        "adapt_pretrain.methods",
         "adapt_pretrain.kernels",
     ],
     # Top-level `kernels/` is shipped as `adapt_pretrain.kernels`: a top-level module named
