@@ -100,19 +100,19 @@ def run_logged(cmd: list[str], log_path: str, env: Optional[dict[str, str]] = No
         raise RuntimeError(f"command failed with exit code {code}: {' '.join(cmd)}\n--- {log_path} (tail) ---\n{tail}")
 
 
+def _scalars_by_step(run_dir: str) -> dict[int, dict[str, float]]:
+    """step -> scalars of the last record of that step in the run's metrics.jsonl (empty if none)."""
+    from adapt_pretrain.monitor.monitor import read_metrics
+
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return {}
+    steps, _ = read_metrics(run_dir)
+    return {s: line["scalars"] for s, line in steps.items() if isinstance(line.get("scalars"), dict)}
+
+
 def metrics_summary(run_dir: str) -> dict[str, float]:
     """Steps, summed token groups and final losses from the run's metrics.jsonl (last record per step)."""
-    per_step: dict[int, dict[str, float]] = {}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "step" in rec and isinstance(rec.get("scalars"), dict):
-                    per_step[int(rec["step"])] = rec["scalars"]
+    per_step = _scalars_by_step(run_dir)
     steps = sorted(per_step)
     groups = sum(float(per_step[s].get("adapt/groups", 0.0)) for s in steps)
     last = per_step[steps[-1]] if steps else {}
@@ -145,19 +145,6 @@ def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
 
 def loss_curve(run_dir: str, key: str = "loss/mean") -> tuple[list[int], list[float]]:
     """(steps, values) of one scalar from metrics.jsonl (falls back to `loss`)."""
-    per_step: dict[int, float] = {}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                sc = rec.get("scalars") if isinstance(rec, dict) else None
-                if isinstance(sc, dict) and "step" in rec:
-                    value = sc.get(key, sc.get("loss"))
-                    if value is not None:
-                        per_step[int(rec["step"])] = float(value)
-    steps = sorted(per_step)
-    return steps, [per_step[s] for s in steps]
+    per_step = {s: sc.get(key, sc.get("loss")) for s, sc in _scalars_by_step(run_dir).items()}
+    steps = sorted(s for s, v in per_step.items() if v is not None)
+    return steps, [float(per_step[s]) for s in steps]
