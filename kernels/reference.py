@@ -135,6 +135,12 @@ def score_and_weight(pooled: torch.Tensor, centroid: torch.Tensor, tau: float, w
     dot = p @ centroid.detach().float()
     scores = torch.where(norm > 0, dot / torch.where(norm > 0, norm, torch.ones_like(norm)),
                          torch.zeros_like(dot))
-    z = (scores - mean) / std
-    weights = torch.sigmoid(z / max(float(tau), 1e-8)).clamp(min=w_min, max=w_max)
-    return scores, weights
+    return scores, weights_from_scores(scores, tau, w_min, w_max, mean, std)
+
+
+def weights_from_scores(scores: torch.Tensor, tau: float, w_min: float, w_max: float,
+                        mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """clamp(sigmoid(((s - mean) / std) / tau), w_min, w_max): the weight formula (DESIGN 1.3),
+    also used directly on precomputed scores (static signals such as BM25)."""
+    z = (scores.float() - mean) / std
+    return torch.sigmoid(z / max(float(tau), 1e-8)).clamp(min=w_min, max=w_max)

@@ -173,7 +173,7 @@ class AdaptEngine:
             weights = torch.ones(num_groups, dtype=torch.float32, device=logits.device)
         else:
             weights = linupper_weights(means, *self.loss_range, self.cfg.linupper_d, self.cfg.linupper_r)
-        tok_w = token_weights(group_ids, weights)
+        tok_w = token_weights(labels, group_ids, weights)
         mask = loss_mask.float()
         loss_sum = (token_loss * tok_w * mask).sum()
         normaliser = normaliser_for(self.cfg.normalize, mask, tok_w, num_contributions)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adapt_pretrain.kernels import weighted_cross_entropy
+from adapt_pretrain.kernels import reference, weighted_cross_entropy
+
+IGNORE_INDEX = -100  # torch's default; the data stream writes it at padding
 
 
 @dataclass
@@ -32,10 +34,9 @@ def plain_token_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group=None, 
     return weighted
 
 
-def token_weights(group_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Gather per-group weights onto tokens; padding (group -1) gets 0."""
-    gathered = weights.float()[group_ids.clamp_min(0)]
-    return torch.where(group_ids >= 0, gathered, torch.zeros_like(gathered))
+def token_weights(labels: torch.Tensor, group_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-group weights gathered onto tokens; 0 for padding (group -1) and ignored labels."""
+    return reference.token_weights(labels, group_ids, weights, IGNORE_INDEX)
 
 
 def normaliser_for(mode: str, loss_mask: torch.Tensor, tok_weights: torch.Tensor | None,
@@ -64,5 +65,5 @@ def weighted_loss_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
                                                   tp_group=tp_group, vocab_start=vocab_start)
     mask = loss_mask.float()
     loss_sum = (weighted * mask).sum()
-    tok_w = token_weights(group_ids, weights) if mode == "weights" else None
+    tok_w = token_weights(labels, group_ids, weights) if mode == "weights" else None
     return LossTerms(loss_sum, normaliser_for(mode, mask, tok_w, num_contributions), token_loss, weights.detach())

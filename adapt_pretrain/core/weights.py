@@ -12,12 +12,7 @@ from typing import Any
 
 import torch
 
-
-def weights_from_scores(scores: torch.Tensor, tau: float, w_min: float, w_max: float,
-                        mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """The weight formula on precomputed scores (used for static signals such as BM25)."""
-    z = (scores.float() - mean) / std
-    return torch.sigmoid(z / max(tau, 1e-8)).clamp(w_min, w_max)
+from adapt_pretrain.kernels.reference import weights_from_scores  # noqa: F401 - the one weight formula
 
 
 @dataclass
