@@ -112,6 +112,18 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
     return cfg.data_config()
 
 
+def fresh_start_problem(run_dir: str) -> str | None:
+    """Why a fresh start (no --resume) must not run in `run_dir`: it holds checkpoints it would overwrite."""
+    root = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+    names = committed_checkpoints(root)
+    if not names and not os.path.exists(os.path.join(root, LATEST)):
+        return None
+    newest = f" (newest: {names[0]})" if names else ""
+    return (f"train.run_dir {run_dir} already holds checkpoints{newest}; a fresh start would overwrite them. "
+            "Resume with --resume, choose another train.run_dir, or pass --restart-from-scratch to start over "
+            f"(the checkpoints are then moved to {root}/superseded_<time>/, not deleted).")
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -165,6 +177,7 @@ class Trainer:
         self.resumed_from: str | None = None
         if resume_from:
             self._load(resume_from, overrides)
+            self._move_newer_aside(resume_from)  # only now: a refused or failed resume changes nothing
         self.monitor = self._build_monitor()
         for name, fields in self._pending_events:
             self.monitor.log_event(self.state.step, name, **fields)
@@ -283,15 +296,9 @@ class Trainer:
                           "starting from step 0")
             return None
         if resume is None:
-            names, has_latest = self._exchange((committed_checkpoints(root), os.path.exists(os.path.join(root, LATEST)))
-                                               if self.info.rank == 0 else None)[0]
-            if names or has_latest:
-                newest = f" (newest: {names[0]})" if names else ""
-                raise CheckpointError(
-                    f"train.run_dir {self.run_dir} already holds checkpoints{newest}; a fresh start would overwrite "
-                    "them. Resume with --resume, choose another train.run_dir, or pass --restart-from-scratch to "
-                    f"start over (the checkpoints are then moved to {root}/superseded_<time>/, not deleted).",
-                    same_on_every_rank=True)
+            problem = self._exchange(fresh_start_problem(self.run_dir) if self.info.rank == 0 else None)[0]
+            if problem:
+                raise CheckpointError(problem, same_on_every_rank=True)
             return None
         if resume != "auto" and (os.path.exists(os.path.join(resume, "meta.json"))
                                  or step_of(os.path.basename(os.path.normpath(resume))) is not None):
@@ -299,18 +306,11 @@ class Trainer:
             if problems:
                 raise CheckpointError(f"--resume {resume}: this checkpoint cannot be loaded:\n  " + "\n  ".join(problems)
                                       + "\nNothing was changed.", same_on_every_rank=True)
-            path = resume
-        else:
-            path = self._newest_verified(root if resume == "auto" else resume)
-            if path is None:
-                return None
-        self._move_newer_aside(path)
-        return path
+            return resume
+        return self._newest_verified(root if resume == "auto" else resume)
 
     def _newest_verified(self, root: str) -> str | None:
         selection = select_checkpoint(root, self.info.rank, self._exchange)
-        for note in selection.notes:
-            self._say(note)
         if selection.path is None:
             if selection.holds_checkpoints:
                 raise CheckpointError(
@@ -321,6 +321,8 @@ class Trainer:
                       f"{root}/superseded_<time>/, not deleted).", same_on_every_rank=True)
             self._say(f"--resume: no checkpoint in {root} yet; starting from step 0")
             return None
+        for note in selection.notes:
+            self._say(note)
         if selection.rejected:
             self._say(f"--resume: newer checkpoints cannot be loaded:\n{selection.describe_rejected()}\n"
                       f"falling back to {os.path.basename(selection.path)}")
@@ -751,6 +753,11 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return EXIT_OK
+    problem = None if args.resume or args.restart_from_scratch else fresh_start_problem(cfg.train.run_dir)
+    if problem:  # refused in the first seconds, before the process group and megatron exist
+        if env.rank == 0:
+            print(f"adapt-pretrain train (rank 0): {problem}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     init_distributed(env)
     trainer = None
     try:
