@@ -158,3 +158,15 @@ def test_extending_steps_with_replanned_lr(base, demo_data_dir, tmp_path):
     assert lrs[4] > MIN_LR * 1.5  # really the new horizon, not the old one's floor
     (override,) = events(run_dir, "resume_override")
     assert override["fields"] == {"field": "optim.total_steps", "checkpoint": 3, "now": 5}
+
+
+def test_unexpected_error_is_printed_with_its_rank_and_exit_1(demo_data_dir, tmp_path):
+    """An environment failure the trainer has no name for (run_dir below a regular file) still reaches
+    the console with the rank on every traceback line, and exits 1."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = train_plain(args(demo_data_dir, str(blocker / "run")), check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "adapt-pretrain train (rank 0): unexpected NotADirectoryError" in proc.stderr
+    traceback = proc.stderr[proc.stderr.index("Traceback") - len("[rank 0] "):]
+    assert all(line.startswith("[rank 0] ") for line in traceback.splitlines() if line.strip()), traceback
