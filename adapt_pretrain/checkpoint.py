@@ -205,16 +205,23 @@ def committed_checkpoints(root: str) -> list[str]:
     return sorted(names, key=lambda n: step_of(n) or 0, reverse=True)
 
 
+def _first_line(path: str) -> str | None:
+    """The stripped first line of a small text file (`latest`, `pinned`); None if it is not readable text."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def read_latest(root: str) -> tuple[str | None, str | None]:
     """(`latest`'s checkpoint name if it names an existing folder, why it cannot be used otherwise)."""
     path = os.path.join(root, LATEST)
     if not os.path.exists(path):
         return None, None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, f"checkpoints/{LATEST} is unreadable ({type(exc).__name__})"
+    text = _first_line(path)
+    if text is None:
+        return None, f"checkpoints/{LATEST} is unreadable (not text)"
     if not text:
         return None, f"checkpoints/{LATEST} is empty"
     if step_of(text) is None:
@@ -317,12 +324,8 @@ def pinned_checkpoint(root: str) -> tuple[str | None, bool]:
     path = os.path.join(root, PINNED)
     if not os.path.exists(path):
         return None, True
-    try:
-        with open(path, encoding="utf-8") as fh:
-            name = fh.readline().strip()
-    except (OSError, UnicodeDecodeError):
-        return None, False
-    return (name, True) if step_of(name) is not None else (None, False)
+    name = _first_line(path)
+    return (name, True) if name and step_of(name) is not None else (None, False)
 
 
 def prune_checkpoints(root: str, keep: int) -> list[str]:
