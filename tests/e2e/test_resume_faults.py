@@ -1,6 +1,6 @@
 """Faults injected into the checkpoints of a real run, then real `--resume` processes (one rank each).
 
-One base run (3 steps, a checkpoint after every step) is copied for each case, damaged on disk the way
+One base run (4 steps, a checkpoint after every step) is copied for each case, damaged on disk the way
 users and machines damage it, and resumed. Each case shows: progress kept (the newest checkpoint that
 verifies is used, and the re-run steps equal the original ones bit for bit), nothing overwritten or
 deleted (damaged and newer checkpoints are moved aside with their bytes intact), a message that
@@ -23,7 +23,7 @@ LR, MIN_LR, WARMUP = 1e-3, 1e-4, 1
 
 def args(data_dir: str, run_dir: str, *extra: str) -> list[str]:
     return [*TINY_MODEL, f"data.data_dir={data_dir}", "data.num_workers=0", f"train.run_dir={run_dir}",
-            "train.steps=3", "train.micro_batch_size=2", "train.progress_bar=false", "train.checkpoint_interval=1",
+            "train.steps=4", "train.micro_batch_size=2", "train.progress_bar=false", "train.checkpoint_interval=1",
             "train.keep_checkpoints=5", f"optim.lr={LR}", f"optim.min_lr={MIN_LR}", f"optim.warmup_steps={WARMUP}",
             "adapt.enabled=true", "adapt.num_anchors=8", "adapt.refresh_interval=2", "wandb.enabled=false", *extra]
 
@@ -33,7 +33,7 @@ def base(demo_data_dir, tmp_path_factory) -> str:
     run_dir = str(tmp_path_factory.mktemp("faults") / "base")
     train_plain(args(demo_data_dir, run_dir))
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == \
-        ["latest", "step_000001", "step_000002", "step_000003"]
+        ["latest", "step_000001", "step_000002", "step_000003", "step_000004"]
     return run_dir
 
 
@@ -48,45 +48,36 @@ def superseded(ckpt: str) -> str:
     return os.path.join(ckpt, name)
 
 
-def test_damaged_newest_and_stale_latest_fall_back(base, demo_data_dir, tmp_path):
-    """Flipped bytes in the newest rank file, a truncated meta.json in the next, `latest` naming a deleted
-    folder: the resume falls back to step 1, says why, and re-runs steps 1-2 exactly as before."""
+def test_damaged_checkpoints_and_stale_latest_fall_back(base, demo_data_dir, tmp_path):
+    """Flipped bytes in the newest rank file, a truncated meta.json in the next, a truncated rank file in the
+    one before, and `latest` naming a deleted folder: the resume falls back to step 1, names each reason,
+    moves the damaged ones aside untouched, and re-runs steps 1-3 exactly as before."""
     run_dir, ckpt = copy_of(base, tmp_path)
-    flip_byte(os.path.join(ckpt, "step_000003", "rank_00000.pt"))
-    truncate(os.path.join(ckpt, "step_000002", "meta.json"))
+    flip_byte(os.path.join(ckpt, "step_000004", "rank_00000.pt"))
+    truncate(os.path.join(ckpt, "step_000003", "meta.json"))
+    truncate(os.path.join(ckpt, "step_000002", "rank_00000.pt"))
     with open(os.path.join(ckpt, "latest"), "w") as fh:
         fh.write("step_000009")
-    damaged = {k: v for k, v in snapshot(ckpt).items() if k.startswith(("step_000002", "step_000003"))}
+    damaged = {k: v for k, v in snapshot(ckpt).items() if not k.startswith(("step_000001", "latest"))}
     proc = train_plain([*args(demo_data_dir, run_dir), "--resume"])
     log = proc.stdout + proc.stderr
     assert "checkpoints/latest names step_000009, which does not exist" in log
-    assert "step_000003: rank_00000.pt does not match its recorded sha256 checksum (damaged)" in log
-    assert "step_000002: meta.json has" in log and "truncated" in log
+    assert "step_000004: rank_00000.pt does not match its recorded sha256 checksum (damaged)" in log
+    assert "step_000003: meta.json has" in log and "step_000002: rank_00000.pt has" in log and "truncated" in log
     assert "falling back to step_000001" in log and "resumed from" in log and "at step 1" in log
+    assert "Traceback" not in log
     assert {k: v for k, v in snapshot(superseded(ckpt)).items() if k != "WHY.txt"} == damaged  # kept, untouched
     old = losses(base)
-    assert [losses(run_dir)[s] for s in (1, 2)] == [old[1], old[2]]  # exact: the good state came back
+    assert [losses(run_dir)[s] for s in (1, 2, 3)] == [old[1], old[2], old[3]]  # exact: the good state came back
     assert [e["fields"]["resumed"] for e in events(run_dir, "checkpoint_fallback")] == ["step_000001"]
-
-
-def test_truncated_rank_file_and_empty_latest_fall_back(base, demo_data_dir, tmp_path):
-    run_dir, ckpt = copy_of(base, tmp_path)
-    truncate(os.path.join(ckpt, "step_000003", "rank_00000.pt"))
-    open(os.path.join(ckpt, "latest"), "w").close()
-    proc = train_plain([*args(demo_data_dir, run_dir), "--resume"])
-    log = proc.stdout + proc.stderr
-    assert "checkpoints/latest is empty" in log and "step_000003: rank_00000.pt has" in log
-    assert "falling back to step_000002" in log and "at step 2" in log and "Traceback" not in log
-    assert losses(run_dir)[2] == losses(base)[2]
-    assert os.path.getsize(os.path.join(superseded(ckpt), "step_000003", "rank_00000.pt")) \
-        < os.path.getsize(os.path.join(ckpt, "step_000003", "rank_00000.pt"))  # the damaged copy is kept aside
 
 
 def test_nothing_loadable_refuses_then_restart_moves_aside(base, demo_data_dir, tmp_path):
     """Every checkpoint damaged: `--resume` refuses (exit 3), naming each and why, changing nothing;
     `--restart-from-scratch` then starts at step 0 and keeps the old checkpoints, byte for byte."""
     run_dir, ckpt = copy_of(base, tmp_path)
-    flip_byte(os.path.join(ckpt, "step_000003", "rank_00000.pt"))
+    flip_byte(os.path.join(ckpt, "step_000004", "rank_00000.pt"))
+    truncate(os.path.join(ckpt, "step_000003", "manifest.json"))
     os.remove(os.path.join(ckpt, "step_000002", "rank_00000.pt"))
     os.remove(os.path.join(ckpt, "step_000001", "manifest.json"))
     before = snapshot(run_dir)
@@ -94,8 +85,8 @@ def test_nothing_loadable_refuses_then_restart_moves_aside(base, demo_data_dir, 
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr
     assert "no checkpoint in" in message and "can be loaded" in message and "Traceback" not in message
-    for line in ("step_000003: rank_00000.pt does not match its recorded sha256", "step_000002: rank_00000.pt is missing",
-                 "step_000001: manifest.json is missing", "--restart-from-scratch"):
+    for line in ("step_000004: rank_00000.pt does not match its recorded sha256", "step_000003: manifest.json is unreadable",
+                 "step_000002: rank_00000.pt is missing", "step_000001: manifest.json is missing", "--restart-from-scratch"):
         assert line in message, line
     assert snapshot(run_dir) == before
     old_checkpoints = {k: v for k, v in snapshot(ckpt).items()}
@@ -110,7 +101,7 @@ def test_fresh_start_refuses_to_overwrite(base, demo_data_dir, tmp_path):
     before = snapshot(run_dir)
     proc = train_plain(args(demo_data_dir, run_dir), check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert "already holds checkpoints (newest: step_000003)" in proc.stderr
+    assert "already holds checkpoints (newest: step_000004)" in proc.stderr
     assert "--resume" in proc.stderr and "--restart-from-scratch" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(run_dir) == before
 
@@ -130,34 +121,37 @@ def logged_lr(run_dir: str) -> dict[int, float]:
     return {s: line["scalars"]["lr"] for s, line in read_metrics(run_dir)[0].items()}
 
 
-def test_extending_steps_keeps_the_lr_horizon(base, demo_data_dir, tmp_path):
-    """train.steps 3 -> 5 on resume: accepted; the schedule keeps its 3-step horizon (LR = min_lr after)."""
+def test_empty_latest_and_extending_steps_keeps_the_lr_horizon(base, demo_data_dir, tmp_path):
+    """An empty `latest` (the newest checkpoint is still found by the scan), and train.steps 4 -> 6 on
+    resume: accepted; the schedule keeps its 4-step horizon, so the LR is min_lr after it."""
     run_dir, ckpt = copy_of(base, tmp_path)
-    proc = train_plain([*args(demo_data_dir, run_dir, "train.steps=5"), "--resume"])
-    assert "keeping the checkpoint's LR schedule horizon of 3 steps" in proc.stderr
+    open(os.path.join(ckpt, "latest"), "w").close()
+    proc = train_plain([*args(demo_data_dir, run_dir, "train.steps=6"), "--resume"])
+    assert "checkpoints/latest is empty" in proc.stderr and "at step 4" in proc.stdout
+    assert "keeping the checkpoint's LR schedule horizon of 4 steps" in proc.stderr
     lrs = logged_lr(run_dir)
-    assert sorted(lrs) == [0, 1, 2, 3, 4]
+    assert sorted(lrs) == [0, 1, 2, 3, 4, 5]
     for step, lr in lrs.items():
-        assert lr == pytest.approx(reference_lr(step, total=3), rel=1e-9, abs=1e-12), step
-    assert [e["fields"]["total_steps"] for e in events(run_dir, "lr_schedule_kept")] == [3]
+        assert lr == pytest.approx(reference_lr(step, total=4), rel=1e-9, abs=1e-12), step
+    assert [e["fields"]["total_steps"] for e in events(run_dir, "lr_schedule_kept")] == [4]
     from adapt_pretrain.checkpoint import read_meta
 
-    config = read_meta(os.path.join(ckpt, "step_000005"))["config"]
-    assert (config["train"]["steps"], config["optim"]["total_steps"]) == (5, 3)
+    config = read_meta(os.path.join(ckpt, "step_000006"))["config"]
+    assert (config["train"]["steps"], config["optim"]["total_steps"]) == (6, 4)
 
 
 def test_extending_steps_with_replanned_lr(base, demo_data_dir, tmp_path):
-    """--allow-change optim.total_steps re-plans the schedule for 5 steps from the current step on (logged)."""
+    """--allow-change optim.total_steps re-plans the schedule for 6 steps from the current step on (logged)."""
     run_dir, _ = copy_of(base, tmp_path)
-    proc = train_plain([*args(demo_data_dir, run_dir, "train.steps=5"), "--resume", "--allow-change",
+    proc = train_plain([*args(demo_data_dir, run_dir, "train.steps=6"), "--resume", "--allow-change",
                         "optim.total_steps"])
-    assert "optim.total_steps 3 (checkpoint) -> 5 (now)" in proc.stderr
+    assert "optim.total_steps 4 (checkpoint) -> 6 (now)" in proc.stderr
     lrs = logged_lr(run_dir)
-    for step in (3, 4):
-        assert lrs[step] == pytest.approx(reference_lr(step, total=5), rel=1e-9), step
-    assert lrs[4] > MIN_LR * 1.5  # really the new horizon, not the old one's floor
+    for step in (4, 5):
+        assert lrs[step] == pytest.approx(reference_lr(step, total=6), rel=1e-9), step
+    assert lrs[5] > MIN_LR * 1.5  # really the new horizon, not the old one's floor
     (override,) = events(run_dir, "resume_override")
-    assert override["fields"] == {"field": "optim.total_steps", "checkpoint": 3, "now": 5}
+    assert override["fields"] == {"field": "optim.total_steps", "checkpoint": 4, "now": 6}
 
 
 def test_unexpected_error_is_printed_with_its_rank_and_exit_1(demo_data_dir, tmp_path):
