@@ -1,8 +1,8 @@
-"""Weighted loss assembly (DESIGN 1.4), returning a sum and its normaliser separately.
+"""Weighted loss assembly (docs/METHOD.md), returning a sum and its normaliser separately.
 
 Returning `(sum m w l, normaliser)` instead of a ratio lets the caller normalise over the *global*
 batch (all micro-batches and data-parallel ranks), which is what keeps any parallel layout equal to
-a single process (DESIGN 2).
+a single process (docs/PARALLELISM.md).
 """
 from __future__ import annotations
 

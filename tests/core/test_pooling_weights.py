@@ -1,4 +1,4 @@
-"""Pooling, scores and weights against fp64 references written from DESIGN 1.2-1.3."""
+"""Pooling, scores and weights against fp64 references written from the definitions in docs/METHOD.md."""
 import math
 
 import pytest

@@ -109,37 +109,23 @@ def group_mean_losses(loss: torch.Tensor, carries: torch.Tensor, batch: GlobalBa
 
 
 # ----- the method ----------------------------------------------------------------------------------
-@dataclass
 class Method:
-    """The method's settings, read from the AdaptConfig the layouts ran with."""
+    """The method's formulas, with the settings of the AdaptConfig the layouts ran with (read only)."""
 
-    normalize: str = "weights"
-    policy: str = "adapt"
-    tau: float = 1.0
-    w_min: float = 0.0
-    w_max: float = 10.0
-    standardize: bool = False
-    momentum: float = 0.5
-    refresh_interval: int = 50
-    linupper_d: float = 1.0
-    linupper_r: float = 1.0
-
-    @classmethod
-    def of(cls, cfg: Any) -> "Method":
-        return cls(cfg.normalize, cfg.policy, cfg.tau, cfg.w_min, cfg.w_max, cfg.standardize,
-                   cfg.standardize_momentum, cfg.refresh_interval, cfg.linupper_d, cfg.linupper_r)
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
 
     def adapt_weights(self, scores: torch.Tensor, stats: Optional[tuple[float, float]]) -> torch.Tensor:
         """w = clip(sigmoid(z / tau), w_min, w_max), z = s or (s - mean) / sqrt(var + eps)."""
         z = scores if stats is None else (scores - stats[0]) / math.sqrt(stats[1] + STD_EPS)
-        return torch.sigmoid(z / self.tau).clamp(self.w_min, self.w_max)
+        return torch.sigmoid(z / self.cfg.tau).clamp(self.cfg.w_min, self.cfg.w_max)
 
     def linupper_weights(self, means: torch.Tensor, loss_range: tuple[float, float]) -> torch.Tensor:
         """Group mean losses min-max normalised to [-d, d] by the previous step's global range,
         w' = min(l + d, d), w = exp((w' - d) / r) (the softmax up to its denominator)."""
-        d, (lo, hi) = self.linupper_d, loss_range
+        d, (lo, hi) = self.cfg.linupper_d, loss_range
         normalised = ((means - lo) / (hi - lo) * 2 * d - d).clamp(-d, d)
-        return torch.exp((torch.clamp(normalised + d, max=d) - d) / self.linupper_r)
+        return torch.exp((torch.clamp(normalised + d, max=d) - d) / self.cfg.linupper_r)
 
     def loss(self, logits: torch.Tensor, batch: GlobalBatch, group_weights: torch.Tensor) -> torch.Tensor:
         """sum(m w l) / sum(m w) (`weights`) or / sum(m) (`tokens`) over the whole global batch, with m
@@ -148,11 +134,11 @@ class Method:
         m = carries.to(loss.dtype)
         w = group_weights.detach()[batch.group.clamp_min(0)] * m
         total = (w * loss).sum()
-        if self.normalize == "weights":
+        if self.cfg.normalize == "weights":
             return total / w.sum()
-        if self.normalize == "tokens":
+        if self.cfg.normalize == "tokens":
             return total / m.sum()
-        raise ValueError(f"the reference has no normalisation {self.normalize!r}")
+        raise ValueError(f"the reference has no normalisation {self.cfg.normalize!r}")
 
 
 @dataclass
@@ -218,29 +204,29 @@ class Reference:
         global batch's score mean and population variance as of the end of the previous step, none
         (uniform weights) until a step has ended, and re-estimated at each refresh from the previous
         step's group embeddings scored against the new centroid."""
-        method, out = self.method, []
+        method, cfg, out = self.method, self.method.cfg, []
         centroid: Optional[torch.Tensor] = None
         stats: Optional[tuple[float, float]] = None
         previous_units: Optional[torch.Tensor] = None
         for step, (params, micro_batches) in enumerate(zip(params_before, batches)):
-            if step % method.refresh_interval == 0:
+            if step % cfg.refresh_interval == 0:
                 centroid = self.centroid(params, anchors)
-                if method.standardize and previous_units is not None:
+                if cfg.standardize and previous_units is not None:
                     stats = _mean_var(previous_units @ centroid)
             scored: dict[str, torch.Tensor] = {}
 
             def weights_for(units, present, means, has_loss):
                 scored["scores"] = units @ centroid
-                if method.standardize and stats is None:
+                if cfg.standardize and stats is None:
                     return torch.ones_like(scored["scores"])
-                return method.adapt_weights(scored["scores"], stats if method.standardize else None)
+                return method.adapt_weights(scored["scores"], stats if cfg.standardize else None)
 
             result, units, _, _ = self.step(params, micro_batches, weights_for)
             result.scores, result.centroid = scored["scores"], centroid
-            if method.standardize:
-                batch_stats = _mean_var(result.scores)
-                stats = batch_stats if stats is None else tuple(
-                    method.momentum * old + (1 - method.momentum) * new for old, new in zip(stats, batch_stats))
+            if cfg.standardize:
+                m, batch_stats = cfg.standardize_momentum, _mean_var(result.scores)
+                stats = batch_stats if stats is None else tuple(m * old + (1 - m) * new
+                                                                for old, new in zip(stats, batch_stats))
             previous_units = units
             out.append(result)
         return out

@@ -1,12 +1,15 @@
-"""Layout equivalence of the megatron step engine with real gloo processes (DESIGN 2, issue 4).
+"""Layout equivalence of the megatron step engine with real gloo processes (docs/PARALLELISM.md).
 
-The single-process run on the global batch is the reference. Every (TP, PP, DP, VP) layout loads
-the reference's initial weights (mapped onto its shards) and runs (a) one weighted ADAPT step:
-same loss, grad norm, gradients, parameter update and weights; (b) 3 ADAPT steps (anchor refresh at
-steps 0 and 2, standardised weights from step 1): same losses, grad norms, weights and centroid,
-the centroid bit-identical on every rank; then state_dict() is saved, step 3 run, the state
-reloaded and step 3 redone: bit-identical on every rank; the final gradients and parameters (after
-step 3) match the reference.
+Every (TP, PP, DP, VP) layout loads the single-process run's initial weights (mapped onto its shards)
+and makes the runs of `_layouts.runs()`: one weighted ADAPT step (`weights`), the same under
+`tokens`, LinUpper (uniform, then weighted), and 3 standardised ADAPT steps (anchor refresh at steps
+0 and 2) followed by a state_dict round trip (bit-identical on every rank).
+
+Two references. (1) The single-process run of the same engine: same loss, grad norm, gradients,
+parameter update, weights and centroid. (2) An independent fp64 reference (`reference.py`: the GPT
+and the method written out in plain torch, no code shared with the engine, core or kernels) replays
+every run on the layout's own parameters before each step: a bug every layout shares, which (1)
+cannot see, fails here.
 
 Tolerance: 1e-5 relative (per tensor, relative to its largest entry). Everything is fp32; layouts
 differ only in float reduction order (TP all-reduce of partial matmul sums, DP gradient sums,
@@ -14,8 +17,9 @@ pipeline vs. sequential micro-batch accumulation), each a few ulps (~1e-7 relati
 4 layers forward + backward and 3 AdamW steps the differences measured here stay below ~1e-6.
 Adam's normalised first update lr * g / (|g| + eps) moves each entry by at most ~lr x its relative
 gradient error, so the same bound applies to the one-step update (see optim_cfg for why the tests
-use eps=1e-6: the key bias has a zero true gradient, i.e. pure rounding noise). A real bug (wrong normaliser, a missing micro-batch,
-a wrong shard, the interleaved batch_p2p_comm bug) gives errors of 1e-2 or more.
+use eps=1e-6: the key bias has a zero true gradient, i.e. pure rounding noise). A real bug (wrong
+normaliser, a missing micro-batch, a wrong shard, the interleaved batch_p2p_comm bug) gives errors
+of 1e-2 or more.
 
 With ADAPT off, one step must be bit-identical to plain megatron training in the same layout
 (megatron's own finalize_model_grads with an int token count).
@@ -171,7 +175,7 @@ def _check_against_independent(res: dict, init: dict, name: str) -> None:
     for run_name, (cfg, steps) in runs().items():
         run = res[run_name]
         recorded = _recorded(run, init, steps, with_resume=run_name == "adapt")
-        reference = Reference(Method.of(cfg), HEADS, optim_cfg().clip_grad)
+        reference = Reference(Method(cfg), HEADS, optim_cfg().clip_grad)
         params, batches = [r["params"] for r in recorded], [r["batches"] for r in recorded]
         if cfg.policy == "linupper":
             expected = reference.linupper_run(params, batches)
