@@ -118,8 +118,11 @@ def adapt_loss(engine: AdaptEngine, step: int, batch: dict[str, Any], logits: to
     gw = engine.group_weights(h, gid_pool, pos_pool, num_groups, step, static_scores(engine, batch))
     flat_logits = logits.reshape(-1, logits.shape[-1])
     if engine.cfg.enabled:
+        # in-place: the logits come straight out of the output layer and nothing reads them after
+        # the loss (megatron's own CE, the ADAPT-off path, overwrites them too)
         terms = engine.loss(flat_logits, labels, mask, gid_loss, gw.weights, step=step, tp_group=tp.loss_group,
-                            vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions)
+                            vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions,
+                            inplace_backward=True)
     else:
         terms = plain_terms(flat_logits, labels, mask, gw.weights)
     loss_sum = terms.loss_sum
