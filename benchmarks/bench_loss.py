@@ -158,20 +158,26 @@ def sync(b: dict) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_memory(step: Callable, b: dict) -> float:
+    """Peak allocated-memory growth (MiB) of one step on CUDA (in-process: the allocator counts
+    exactly what is live, cached blocks do not count)."""
+    leaf = b["logits"].clone().requires_grad_(True)
+    logits = leaf.view_as(leaf)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step(b, logits)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def measure_memory(name: str, args: argparse.Namespace) -> float:
-    """Peak memory growth (MiB) of one step of `name`, measured in this (fresh) process."""
+    """Peak RSS growth (MiB) of one step of `name` on CPU, measured in this (fresh) process."""
     init_megatron_tp1(args.device)
     b = make_batch(args.T, args.V, args.H, DTYPES[args.dtype], args.device)
     step = variants(args.device)[name]
     leaf = b["logits"].clone().requires_grad_(True)
     logits = leaf.view_as(leaf)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step(b, logits)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
     reset_peak_rss()
     base = proc_status_kib("VmRSS")
     step(b, logits)
@@ -231,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     input_mib = b["logits"].numel() * b["logits"].element_size() / 2**20
     bytes_moved = 3 * args.T * args.V * b["logits"].element_size()
     rows = {}
-    for n in steps:
+    for n, step in steps.items():
         t = statistics.median(times[n])
-        growth = memory_in_subprocess(n, args)
+        growth = cuda_memory(step, b) if args.device == "cuda" else memory_in_subprocess(n, args)
         rows[n] = {"time_s": t, "min_s": min(times[n]), "growth_mib": growth, "peak_mib": input_mib + growth,
                    "gb_per_s": bytes_moved / t / 1e9}
     base = rows[BASELINE]
@@ -252,10 +258,40 @@ def main(argv: list[str] | None = None) -> int:
     adapt = rows["adapt"]
     ok = adapt["time_ratio"] <= TARGET and adapt["mem_ratio"] <= TARGET
     print(f"target (adapt <= {TARGET:.2f}x {BASELINE} in median time and peak memory): {'met' if ok else 'NOT met'}")
+    grad_rows = grad_kernel_table(b) if args.device == "cuda" else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": rows, "target_met": ok}, f, indent=1)
+            json.dump({"args": vars(args), "results": rows, "target_met": ok, "grad_kernels": grad_rows}, f, indent=1)
     return 0 if ok else 1
+
+
+def grad_kernel_table(b: dict) -> dict[str, float]:
+    """CUDA: the Triton backward kernel alone (triton.testing.do_bench, median ms) in both grid
+    layouts, copying and in place, with the bandwidth of its minimal traffic (read the logits,
+    write the gradient)."""
+    from triton.testing import do_bench
+
+    from adapt_pretrain.kernels import triton_ce
+
+    logits = b["logits"].clone()
+    T, V = logits.shape
+    weights = torch.rand(b["num_groups"], device=logits.device) + 0.5
+    m, d, xt, _ = triton_ce.ce_stats(logits, b["targets"], 0, IGNORE)
+    lse, _, _ = triton_ce.ce_finalize(m, d, xt, b["targets"], b["group_ids"], weights, IGNORE)
+    bytes_moved = 2 * T * V * logits.element_size()
+    rows: dict[str, float] = {}
+    print(f"grad kernel alone (T={T}, V={V}, {logits.dtype}): median ms, GB/s of 2 x T x V x bytes")
+    for split in (True, False):
+        for inplace in (False, True):
+            out = logits if inplace else torch.empty_like(logits)
+            triton_ce.GRAD_SPLIT_V = split
+            ms = do_bench(lambda: triton_ce.ce_grad(logits, lse, b["targets"], b["group_ids"], weights,
+                                                    b["upstream"], 0, IGNORE, out), return_mode="median")
+            name = f"{'split-V' if split else 'row-loop'} {'in-place' if inplace else 'copy'}"
+            rows[name] = ms
+            print(f"  {name:<20}{ms:>8.3f} ms{bytes_moved / ms / 1e6:>9.0f} GB/s")
+    triton_ce.GRAD_SPLIT_V = True
+    return rows
 
 
 if __name__ == "__main__":

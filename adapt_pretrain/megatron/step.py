@@ -256,6 +256,10 @@ class TrainStep:
         """This rank's model chunks, optimizer (incl. the distributed optimizer's shard), scheduler and
         engine; for a resume with the same layout. Tensors may alias live state: save (or deep-copy)
         before the next step."""
+        for chunk in self.chunks:
+            if chunk.ddp_config.overlap_param_gather:
+                # the updated parameters' all-gather normally overlaps with the next forward: finish it
+                chunk.start_param_sync(force_sync=True)
         state: dict[str, Any] = {
             "model": [unwrap(c).state_dict() for c in self.chunks],
             "optimizer": optimizer_state_dict(self.optimizer),
