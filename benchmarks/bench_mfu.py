@@ -142,7 +142,8 @@ def run(cfg, warmup: int, steps: int, refreshes: int, peak_tflops: float | None)
     world = info.world_size
     result = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "attention": resolve_attention(model.attention), "recompute": model.recompute, "fusions": model.fusions,
+        "attention": resolve_attention(model.attention), "recompute": model.recompute,
+        "fusions": bool(model.fusions and torch.cuda.is_available()),  # megatron's fusions are GPU only
         "layout": {"tp": info.tp_size, "pp": info.pp_size, "dp": info.dp_size},
         "seq_len": s, "micro_batch": b, "num_microbatches": num_micro, "tokens_per_step": tokens,
         "matmul_params": params, "flops_per_token": per_token, "refresh_interval": interval,
@@ -168,10 +169,10 @@ def report(name: str, r: dict[str, Any]) -> str:
         f"({r['num_microbatches']} x {r['micro_batch']} x {r['seq_len']} per rank), "
         f"N={r['matmul_params'] / 1e6:.1f}M, {r['flops_per_token'] / 1e9:.3f} GFLOP/token (6N + 12Lhs)",
         f"  ADAPT off: {r['step_off_s']:.3f} s/step  {r['tokens_per_s_off']:,.0f} tokens/s  "
-        f"{r['tflops_per_gpu_off']:.1f} TFLOP/s/GPU  MFU {mfu('mfu_off')}",
+        f"{r['tflops_per_gpu_off']:.3g} TFLOP/s/GPU  MFU {mfu('mfu_off')}",
         f"  ADAPT on : {r['step_on_s']:.3f} s/step + refresh {r['refresh_s']:.3f} s / {r['refresh_interval']} "
         f"= {r['step_on_amortised_s']:.3f} s  {r['tokens_per_s_on']:,.0f} tokens/s  "
-        f"{r['tflops_per_gpu_on']:.1f} TFLOP/s/GPU  MFU {mfu('mfu_on')}",
+        f"{r['tflops_per_gpu_on']:.3g} TFLOP/s/GPU  MFU {mfu('mfu_on')}",
         f"  ADAPT on/off: {r['ratio_on_off']:.4f}x with the anchor refresh amortised "
         f"({r['ratio_on_off_no_refresh']:.4f}x per step without it; one refresh = {r['refresh_over_step']:.2f} steps)"
         + (f"; peak memory {r['max_memory_gib']:.1f} GiB" if r.get("max_memory_gib") else ""),
