@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -81,6 +82,17 @@ def anchor_micro_batches(num_anchors: int, b: int, s: int, vocab: int, dp_rank: 
         batches.append(dict(tokens=tokens, labels=tokens, loss_mask=torch.zeros((b, s)), group_id=gid,
                             position=pos, num_groups=b))
     return batches
+
+
+def load_bench_config(path: str, overrides: list[str]):
+    """The run config with its data section pointed at an empty directory that `prepare` would fill
+    (never run here): the benchmark feeds synthetic batches, so no prepared shards are needed."""
+    from adapt_pretrain.run_config import RunConfig, apply_overrides, read_config_file
+
+    raw = apply_overrides(read_config_file(path), list(overrides))
+    raw["data"] = {**(raw.get("data") or {}), "data_dir": tempfile.mkdtemp(prefix="bench-mfu-data-")}
+    raw["prepare"] = {"inputs": "demo"}
+    return RunConfig.from_dict(raw, source=path)
 
 
 def sync() -> None:
@@ -193,11 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from adapt_pretrain.megatron import teardown_parallel
-    from adapt_pretrain.run_config import load_run_config
     from adapt_pretrain.train import _quiet_known_warnings
 
     _quiet_known_warnings()
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_bench_config(args.config, args.overrides)
     peak = args.peak_tflops or (H200_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None)
     result = run(cfg, args.warmup, args.steps, args.refreshes, peak)
     result["config"] = os.path.relpath(args.config, REPO)

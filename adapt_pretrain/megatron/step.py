@@ -225,7 +225,7 @@ class TrainStep:
                     chunk.eval()
                 with _trunk_only(self.chunks):
                     self.forward_backward(
-                    forward_step_func=self._forward_step,
+                        forward_step_func=self._forward_step,
                         data_iterator=chunk_iterators(batches, len(self.chunks)),
                         model=self.chunks,
                         num_microbatches=len(batches),
