@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All GPU checks in one script (about 7 minutes on one H200, no network needed):
+# All GPU checks in one script (about 6-9 minutes on one H200, capped at 9; no network needed):
 #   1. install megatron-core, webdataset (+ braceexpand) and liger-kernel from the wheels in .whl/
 #      (fetch them beforehand, where there is network, with `bash benchmarks/gpu_wheels.sh`, and carry
 #      .whl along) and this package (editable, no build isolation, no index);
@@ -10,9 +10,11 @@
 #      refresh amortised at the config's refresh_interval (50);
 #   4. benchmarks/bench_loss.py in bf16 at T=4096 V=32000 and T=16384 V=128256 (ADAPT loss path vs
 #      megatron's vocab-parallel CE and Liger's, plus the grad-kernel layouts);
-#   5. if at least GPU_CHECK_TRAIN_BUDGET seconds (default 150) are left of GPU_CHECK_BUDGET (default
-#      450): a short bf16 run of the real trainer (gpt-125m shape, demo corpus, ADAPT on) and an exact
-#      resume check against the run-to-run noise floor.
+#   5. if at least GPU_CHECK_TRAIN_BUDGET seconds (default 150) are left: a short bf16 run of the real
+#      trainer (gpt-125m shape, demo corpus, ADAPT on) and an exact resume check against the run-to-run
+#      noise floor.
+# Every step's timeout is capped so the whole script ends within GPU_CHECK_BUDGET seconds (default
+# 540, under a 10-minute command limit); a step with under 20 s left is skipped and says so.
 # Prints a summary last. Usage: bash benchmarks/gpu_check.sh   (logs: $GPU_CHECK_LOGS, default gpu_check_logs;
 # at most 8 files, so a caller can collect the whole folder).
 # Env: GPU_CHECK_WHEELS (default .whl), GPU_CHECK_FUSIONS=false to measure without megatron's fusions.
@@ -21,9 +23,19 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 LOG_DIR=${GPU_CHECK_LOGS:-gpu_check_logs}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 PY=python3
 elapsed() { echo $(( $(date +%s) - START )); }
+capped() {  # capped SECONDS: SECONDS or what is left of the budget, whichever is smaller (0: skip)
+  local left=$(( BUDGET - $(elapsed) ))
+  [ "$left" -lt 20 ] && { echo 0; return; }
+  echo $(( $1 < left ? $1 : left ))
+}
+run_capped() {  # run_capped SECONDS CMD...: timeout-capped run; rc 124 when skipped for time
+  local t; t=$(capped "$1"); shift
+  [ "$t" -eq 0 ] && { echo "gpu_check: skipped for time: $*"; return 124; }
+  timeout "$t" "$@"
+}
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv \
   || { echo "gpu_check: no NVIDIA GPU (nvidia-smi missing)"; exit 2; }
@@ -47,7 +59,7 @@ $PY -c "import torch, triton, megatron.core; assert torch.cuda.is_available(); p
 $PY -c "import liger_kernel" 2>/dev/null || echo "gpu_check: liger-kernel not importable (optional baseline)"
 
 # ---------------------------------------------------------------------------------------- 2. tests
-timeout 200 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/distributed/test_attention_gpu.py -rs 2>&1 \
+run_capped 180 $PY -m pytest -q -p no:cacheprovider tests/kernels tests/distributed/test_attention_gpu.py -rs 2>&1 \
   | tee "$LOG_DIR/tests.log"
 TEST_RC=${PIPESTATUS[0]}
 
@@ -59,19 +71,19 @@ ONE_GPU=(parallel.tensor=1 parallel.pipeline=1 parallel.sequence_parallel=false 
          train.global_batch_size=64 train.run_dir=/tmp/gpu_check_mfu_run)
 MFU_RC=0
 bench_mfu() {  # name, timeout, config, micro-batch size
-  timeout "$2" $PY benchmarks/bench_mfu.py --name "$1" --config "$3" --warmup 2 --steps 4 --refreshes 2 \
+  run_capped "$2" $PY benchmarks/bench_mfu.py --name "$1" --config "$3" --warmup 2 --steps 4 --refreshes 2 \
     --json "$MFU_JSON" "${ONE_GPU[@]}" "train.micro_batch_size=$4" 2>&1 | tee -a "$LOG_DIR/mfu.log"
   local rc=${PIPESTATUS[0]}; [ "$rc" -ne 0 ] && MFU_RC=$rc && echo "gpu_check: bench_mfu $1 failed (rc=$rc)"
 }
 : > "$LOG_DIR/mfu.log"
-bench_mfu gpt-125m 150 launch/configs/gpt-125m.yaml 16
-bench_mfu gpt-1b 240 launch/configs/gpt-1b.yaml 8
+bench_mfu gpt-125m 120 launch/configs/gpt-125m.yaml 16
+bench_mfu gpt-1b 200 launch/configs/gpt-1b.yaml 8
 
 # ---------------------------------------------------------------------------------------- 4. loss path
 BENCH_RC=0
 for SHAPE in "4096 32000 10" "16384 128256 5"; do
   read -r T V REPS <<< "$SHAPE"
-  timeout 120 $PY benchmarks/bench_loss.py --device cuda --dtype bf16 --T "$T" --V "$V" --reps "$REPS" \
+  run_capped 100 $PY benchmarks/bench_loss.py --device cuda --dtype bf16 --T "$T" --V "$V" --reps "$REPS" \
     --json "$LOG_DIR/loss_$T.json" 2>&1 | tee "$LOG_DIR/loss_$T.log"
   rc=${PIPESTATUS[0]}; [ "$rc" -gt 1 ] && BENCH_RC=$rc  # 1 = ran, ratio target not met
 done
@@ -87,9 +99,9 @@ if [ $(( BUDGET - $(elapsed) )) -ge "${GPU_CHECK_TRAIN_BUDGET:-150}" ]; then
               train.log_interval=5 train.steps=20 train.checkpoint_interval=10 train.progress_bar=false)
   # the same run twice, the second stopped at step 10 and resumed: GPU kernels are not bitwise
   # deterministic run to run, so steps 0-9 measure the noise floor the resumed steps must stay within
-  { timeout 150 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/run" \
-      && timeout 100 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/resumed" train.stop_at_step=10 \
-      && timeout 100 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/resumed" --resume \
+  { run_capped 150 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/run" \
+      && run_capped 100 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/resumed" train.stop_at_step=10 \
+      && run_capped 100 $PY -m adapt_pretrain.train "${TRAIN_ARGS[@]}" "train.run_dir=$TRAIN_DIR/resumed" --resume \
       && $PY - "$TRAIN_DIR/run" "$TRAIN_DIR/resumed" <<'PYEOF'
 import sys
 from adapt_pretrain.monitor import read_metrics
