@@ -2,8 +2,10 @@
 
 Forward: row statistics -> (all-reduce over the tensor-parallel group) -> finalize. It saves the
 logits and a per-row fp32 logsumexp, nothing else of size [T, V]. Backward: one pass writing
-w_t * g_t * (softmax - onehot), optionally into the logits buffer. Group weights are detached
-by design (ADAPT weights are a learning-rate multiplier, not a learned quantity).
+w_t * g_t * (softmax - onehot), optionally into the logits buffer. With in-place backward the CPU
+path already turns the logits buffer into its log-softmax in the forward (and saves the local
+logsumexp to undo the shift). Group weights are detached by design (ADAPT weights are a
+learning-rate multiplier, not a learned quantity).
 """
 from __future__ import annotations
 
@@ -32,10 +34,11 @@ class WeightedCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
                 group_weights: torch.Tensor, ignore_index: int, inplace_backward: bool,
                 tp_group: Optional[Any], vocab_start: int, ops: ModuleType):
-        m, d, xt = ops.ce_stats(logits, targets, vocab_start, ignore_index)
+        m, d, xt, overwritten = ops.ce_stats(logits, targets, vocab_start, ignore_index, overwrite=inplace_backward)
+        local_lse = m if overwritten else None  # the buffer now holds x - local_lse
         m, d, xt = allreduce_row_stats(m, d, xt, tp_group)
         lse, loss, wloss = ops.ce_finalize(m, d, xt, targets, group_ids, group_weights, ignore_index)
-        ctx.save_for_backward(logits, lse, targets, group_ids, group_weights)
+        ctx.save_for_backward(logits, lse, targets, group_ids, group_weights, local_lse)
         ctx.config = (ignore_index, inplace_backward, vocab_start, ops, tp_group is None)
         ctx.mark_non_differentiable(loss)
         return wloss, loss
@@ -45,10 +48,10 @@ class WeightedCrossEntropy(torch.autograd.Function):
         ignore_index, inplace, vocab_start, ops, full_vocab = ctx.config
         if grad_wloss is None or not ctx.needs_input_grad[0]:
             return (None,) * 9
-        logits, lse, targets, group_ids, group_weights = ctx.saved_tensors
+        logits, lse, targets, group_ids, group_weights, local_lse = ctx.saved_tensors
         out = logits if inplace else torch.empty_like(logits)
         ops.ce_grad(logits, lse, targets, group_ids, group_weights, grad_wloss.float(),
-                    vocab_start, ignore_index, out, full_vocab=full_vocab)
+                    vocab_start, ignore_index, out, full_vocab=full_vocab, local_lse=local_lse)
         if inplace:
             # Kernels write behind autograd's back: bump the version so any other saved use of
             # these logits fails loudly instead of silently reading gradients.
@@ -66,8 +69,11 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, group_id
     are 0 for `ignore_index` targets; the weighted one is also 0 for padding (group -1).
     With `tp_group`, `logits` is this rank's vocab shard starting at global index `vocab_start`
     (shards may be uneven) and the result equals the full-vocab one on every rank.
-    `inplace_backward=True` lets backward overwrite the logits buffer with its gradient: only
-    allowed when nothing else reads these logits after the loss.
+    `inplace_backward=True` hands the logits buffer to the kernel: the gradient is written into it
+    and, on the CPU path with fp32 logits, the forward already overwrites it with its log-softmax
+    (as megatron's vocab-parallel CE overwrites fp32 logits with the softmax). Only allowed when
+    nothing reads these logits after the loss (e.g. they come straight out of the output layer);
+    the version counter is bumped, so another autograd use of them fails loudly.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [T, V], got shape {tuple(logits.shape)}")

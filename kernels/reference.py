@@ -1,10 +1,12 @@
 """Pure-torch implementations of the kernels: the production CPU path and the tests' reference.
 
 They mirror the Triton kernels phase by phase (row statistics, finalize, gradient) so the same
-autograd Function drives both. The cross-entropy works on row chunks small enough to stay in
-cache, so it never materialises a [T, V] fp32 temporary: the forward keeps only a per-row
-logsumexp, and the backward writes `w * g * (softmax - onehot)` straight into the gradient
-buffer (or into the logits themselves when the caller allows in-place backward).
+autograd Function drives both. With `overwrite` (in-place backward allowed) and fp32 logits, the
+forward turns the logits buffer into its own log-softmax with one fused whole-tensor op (as
+megatron's vocab-parallel CE turns it into the softmax) and the backward turns that into the
+gradient in place: no [T, V] temporary at all, and few, large ops (see `ce_stats`). Otherwise the
+logits stay intact: the forward works on row chunks with one reused fp32 scratch buffer and keeps
+only a per-row logsumexp; the backward writes `w * g * (softmax - onehot)` into the gradient buffer.
 """
 from __future__ import annotations
 
@@ -46,15 +48,28 @@ def token_weights(targets: torch.Tensor, group_ids: torch.Tensor, group_weights:
 
 
 # ---------------------------------------------------------------- cross-entropy phases
-def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row (max, sum exp(x - max), target logit) of this vocab shard, all fp32 [T].
+def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, ignore_index: int,
+             overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Per-row (max, sum exp(x - max), target logit) of this vocab shard, all fp32 [T], and whether
+    the logits buffer now holds `x - max` (its log-softmax; only with `overwrite` and fp32 logits).
 
     The local logsumexp is returned as the "max" with a sum of 1, which is the same statistic.
-    It is read off a fused log_softmax: lse = max(x) - max(log_softmax(x)), which stays exact to
-    fp32 rounding (max(log_softmax) lies in [-log V, 0]) and uses vectorised passes only.
+    `overwrite`: one in-place `_log_softmax` over the whole tensor (one parallel region: on a
+    loaded machine every region's barrier costs milliseconds, so whole-tensor ops beat cache-sized
+    chunks), then lse = x[c] - log_softmax[c] at the target column (CE = -log_softmax[target] up to
+    one rounding) or, for rows without a target here, column 0. Otherwise lse = max(x) -
+    max(log_softmax(x)) per row chunk into a scratch buffer, exact to fp32 rounding
+    (max(log_softmax) lies in [-log V, 0]).
     """
     T, V = logits.shape
+    inside, local = _targets_in_shard(targets, vocab_start, V, ignore_index)
+    xt = logits.gather(1, local[:, None]).squeeze(1).float()
+    if overwrite and logits.dtype == torch.float32:
+        column = torch.where(inside, local, torch.zeros_like(local))[:, None]
+        x_col = logits.gather(1, column).squeeze(1)
+        torch._log_softmax(logits, -1, False, out=logits)
+        lse = x_col - logits.gather(1, column).squeeze(1)
+        return lse, torch.ones_like(lse), torch.where(inside, xt, torch.zeros_like(xt)), True
     lse = torch.empty(T, dtype=torch.float32, device=logits.device)
     chunks = _row_chunks(T, V)
     buf = _chunk_buffer(chunks, V, logits.device)
@@ -66,10 +81,7 @@ def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
         top = x.amax(dim=-1)
         lsm = torch._log_softmax(x, -1, False, out=buf[: e - s])
         torch.sub(top, lsm.amax(dim=-1), out=lse[s:e])
-    inside, local = _targets_in_shard(targets, vocab_start, V, ignore_index)
-    xt = logits.gather(1, local[:, None]).squeeze(1).float()
-    xt = torch.where(inside, xt, torch.zeros_like(xt))
-    return lse, torch.ones_like(lse), xt
+    return lse, torch.ones_like(lse), torch.where(inside, xt, torch.zeros_like(xt)), False
 
 
 def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: torch.Tensor,
@@ -85,31 +97,44 @@ def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: tor
 
 def ce_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
             group_weights: torch.Tensor, grad_wloss: torch.Tensor, vocab_start: int,
-            ignore_index: int, out: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
+            ignore_index: int, out: torch.Tensor, full_vocab: bool = False,
+            local_lse: torch.Tensor | None = None) -> torch.Tensor:
     """Write w_t * g_t * (softmax - onehot) into `out` ([T, V], may alias `logits`).
 
-    `full_vocab` (no vocab sharding) allows a fused softmax per chunk instead of exp(x - lse).
+    `local_lse` given: `logits` holds x - local_lse (`ce_stats` overwrote it) and `out` is the same
+    buffer: exp in place, times w * g * exp(local_lse - lse) (1 without vocab sharding), minus the
+    one-hot; whole-tensor ops. `full_vocab` (no vocab sharding) otherwise allows a fused softmax.
     """
     T, V = logits.shape
     scale = token_weights(targets, group_ids, group_weights, ignore_index) * grad_wloss.float()
     inside, local = _targets_in_shard(targets, vocab_start, V, ignore_index)
+    rows = inside.nonzero().squeeze(1)
+    if local_lse is not None:
+        if out.data_ptr() != logits.data_ptr():
+            raise ValueError("an overwritten logits buffer can only take its gradient in place")
+        factor = scale if full_vocab else scale * torch.exp(local_lse - lse)
+        out.exp_().mul_(factor[:, None])
+        out[rows, local[rows]] -= scale[rows]
+        return out
     in_fp32 = out.dtype == torch.float32
+    if in_fp32 and full_vocab and out.data_ptr() != logits.data_ptr():
+        torch._softmax(logits, -1, False, out=out)  # the whole gradient buffer is needed anyway
+        out.mul_(scale[:, None])
+        out[rows, local[rows]] -= scale[rows]
+        return out
     chunks = _row_chunks(T, V)
     scratch = None if in_fp32 else _chunk_buffer(chunks, V, logits.device)
     for s, e in chunks:
         x, dst = logits[s:e], out[s:e]
         buf = dst if scratch is None else scratch[: e - s]
-        if full_vocab and in_fp32 and not x.is_set_to(buf):
-            torch._softmax(x, -1, False, out=buf)
-        else:
-            if x.dtype == buf.dtype:
-                torch.sub(x, lse[s:e, None], out=buf)
-            else:  # upcast in place: a mixed-dtype sub would allocate a converted copy per chunk
-                buf.copy_(x).sub_(lse[s:e, None])
-            buf.exp_()
+        if x.dtype == buf.dtype:
+            torch.sub(x, lse[s:e, None], out=buf)
+        else:  # upcast in place: a mixed-dtype sub would allocate a converted copy per chunk
+            buf.copy_(x).sub_(lse[s:e, None])
+        buf.exp_()
         buf.mul_(scale[s:e, None])
-        rows = inside[s:e].nonzero().squeeze(1)
-        buf[rows, local[s:e][rows]] -= scale[s:e][rows]
+        chunk_rows = inside[s:e].nonzero().squeeze(1)
+        buf[chunk_rows, local[s:e][chunk_rows]] -= scale[s:e][chunk_rows]
         if not in_fp32:
             dst.copy_(buf)
     return out

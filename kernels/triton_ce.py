@@ -4,8 +4,11 @@
    the sum of exp(x - max) and the target logit (0 when the target is in another vocab shard).
 2. `finalize` (after the optional all-reduce over the tensor-parallel group): logsumexp, plain
    CE and weighted CE; the group weight is gathered by group id here, inside the kernel.
-3. `grad`: one program per row writes w_t * g_t * (softmax - onehot) block by block, into a fresh
-   buffer or into the logits buffer itself (in-place backward).
+3. `grad`: one program per (row, vocab block) writes w_t * g_t * (softmax - onehot) into a fresh
+   buffer or into the logits buffer itself (in-place backward). `GRAD_SPLIT_V = False` selects the
+   previous layout, one program per row looping over its vocab blocks (kept for the comparison in
+   benchmarks/bench_loss.py: on an H200 that layout's in-place backward was slower than its copying
+   one; the split grid has no loop for the compiler to pipeline and T x V/BLOCK programs in flight).
 The only state kept between forward and backward is the logits and one fp32 logsumexp per row.
 """
 from __future__ import annotations
@@ -16,6 +19,8 @@ import triton.language as tl
 
 # Largest vocab block one program loads at a time; tests lower it to exercise the block loop.
 MAX_BLOCK_V = 16384
+GRAD_BLOCK_V = 4096  # vocab block of one grad program in the split grid (capped by MAX_BLOCK_V)
+GRAD_SPLIT_V = True
 BLOCK_T = 1024
 
 
@@ -73,36 +78,57 @@ def _finalize_kernel(m_ptr, d_ptr, xt_ptr, targets_ptr, gid_ptr, w_ptr, lse_ptr,
 
 
 @triton.jit
-def _grad_kernel(logits_ptr, stride_row, out_ptr, stride_out, lse_ptr, targets_ptr, gid_ptr,
-                 w_ptr, g_ptr, stride_g, V, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _row_scale(targets_ptr, gid_ptr, w_ptr, g_ptr, stride_g, row, ignore_index):
+    """(w_t * g_t, 0 for ignored targets and padding; the target t) of one row."""
     t = tl.load(targets_ptr + row)
     gid = tl.load(gid_ptr + row)
     has_w = (t != ignore_index) & (gid >= 0)
     w = tl.load(w_ptr + tl.where(has_w, gid, 0), mask=has_w, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_g).to(tl.float32)
-    scale = tl.where(has_w, w * g, 0.0)
+    return tl.where(has_w, w * g, 0.0), t
+
+
+@triton.jit
+def _grad_block(logits_ptr, stride_row, out_ptr, stride_out, row, cols, V, lse, scale, local):
+    mask = cols < V
+    x = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    grad = scale * tl.exp(x - lse) - tl.where(cols == local, scale, 0.0)
+    tl.store(out_ptr + row * stride_out + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_kernel(logits_ptr, stride_row, out_ptr, stride_out, lse_ptr, targets_ptr, gid_ptr,
+                 w_ptr, g_ptr, stride_g, V, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
+    """One program per row, looping over its vocab blocks (GRAD_SPLIT_V = False)."""
+    row = tl.program_id(0).to(tl.int64)
+    scale, t = _row_scale(targets_ptr, gid_ptr, w_ptr, g_ptr, stride_g, row, ignore_index)
     lse = tl.load(lse_ptr + row)
-    local = t - vocab_start
-    base = logits_ptr + row * stride_row
-    obase = out_ptr + row * stride_out
     for off in range(0, V, BLOCK_V):
-        cols = off + tl.arange(0, BLOCK_V)
-        mask = cols < V
-        x = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = scale * tl.exp(x - lse) - tl.where(cols == local, scale, 0.0)
-        tl.store(obase + cols, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        _grad_block(logits_ptr, stride_row, out_ptr, stride_out, row, off + tl.arange(0, BLOCK_V), V, lse,
+                    scale, t - vocab_start)
 
 
-def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
-             ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@triton.jit
+def _grad_block_kernel(logits_ptr, stride_row, out_ptr, stride_out, lse_ptr, targets_ptr, gid_ptr,
+                       w_ptr, g_ptr, stride_g, V, vocab_start, ignore_index, BLOCK_V: tl.constexpr):
+    """One program per (row, vocab block)."""
+    row = tl.program_id(0).to(tl.int64)
+    scale, t = _row_scale(targets_ptr, gid_ptr, w_ptr, g_ptr, stride_g, row, ignore_index)
+    lse = tl.load(lse_ptr + row)
+    _grad_block(logits_ptr, stride_row, out_ptr, stride_out, row, tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V),
+                V, lse, scale, t - vocab_start)
+
+
+def ce_stats(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, ignore_index: int,
+             overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """`overwrite` is accepted for interface parity: the logits stay intact until the backward."""
     T, V = logits.shape
     m, d, xt = (torch.empty(T, dtype=torch.float32, device=logits.device) for _ in range(3))
     if T:
         block = _block_v(V)
         _stats_kernel[(T,)](logits, logits.stride(0), targets, m, d, xt, V, vocab_start,
                             ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
-    return m, d, xt
+    return m, d, xt, False
 
 
 def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: torch.Tensor,
@@ -118,12 +144,21 @@ def ce_finalize(m: torch.Tensor, d: torch.Tensor, xt: torch.Tensor, targets: tor
 
 def ce_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, group_ids: torch.Tensor,
             group_weights: torch.Tensor, grad_wloss: torch.Tensor, vocab_start: int,
-            ignore_index: int, out: torch.Tensor, full_vocab: bool = False) -> torch.Tensor:
-    """`full_vocab` is accepted for interface parity; the kernel always uses the saved lse."""
+            ignore_index: int, out: torch.Tensor, full_vocab: bool = False,
+            local_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """`full_vocab` is accepted for interface parity; the kernel always uses the saved lse.
+    `local_lse` must be None (these kernels never overwrite the logits in the forward)."""
+    if local_lse is not None:
+        raise ValueError("the Triton path keeps the logits intact in the forward")
     T, V = logits.shape
-    if T:
+    if not T:
+        return out
+    args = (logits, logits.stride(0), out, out.stride(0), lse, targets, group_ids, group_weights,
+            grad_wloss, grad_wloss.stride(0), V, vocab_start, ignore_index)
+    if GRAD_SPLIT_V:
+        block = min(_block_v(V), GRAD_BLOCK_V, MAX_BLOCK_V)
+        _grad_block_kernel[(T, triton.cdiv(V, block))](*args, BLOCK_V=block, num_warps=_num_warps(block))
+    else:
         block = _block_v(V)
-        _grad_kernel[(T,)](logits, logits.stride(0), out, out.stride(0), lse, targets, group_ids,
-                           group_weights, grad_wloss, grad_wloss.stride(0), V, vocab_start,
-                           ignore_index, BLOCK_V=block, num_warps=_num_warps(block))
+        _grad_kernel[(T,)](*args, BLOCK_V=block, num_warps=_num_warps(block))
     return out

@@ -147,8 +147,10 @@ class AdaptEngine:
     # ----- loss -----------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
              weights: torch.Tensor, step: int = 0, tp_group=None, vocab_start: int = 0,
-             num_contributions: int = 1) -> LossTerms:
-        """Weighted loss sum and normaliser for one micro-batch ([T, V_local] logits, [T] the rest)."""
+             num_contributions: int = 1, inplace_backward: bool = False) -> LossTerms:
+        """Weighted loss sum and normaliser for one micro-batch ([T, V_local] logits, [T] the rest).
+        `inplace_backward`: the weighted CE may reuse the logits buffer (a trainer whose logits come
+        straight out of the output layer; see kernels.weighted_cross_entropy)."""
         mode = self.cfg.normalize
         if not self.cfg.enabled:
             token_loss = plain_token_loss(logits, labels, tp_group, vocab_start)
@@ -158,7 +160,7 @@ class AdaptEngine:
             return self._linupper_loss(logits, labels, loss_mask, group_ids, weights.numel(), step, tp_group,
                                        vocab_start, num_contributions)
         return weighted_loss_terms(logits, labels, loss_mask, group_ids, weights, mode, tp_group, vocab_start,
-                                   num_contributions)
+                                   num_contributions, inplace_backward)
 
     def _linupper_loss(self, logits, labels, loss_mask, group_ids, num_groups, step, tp_group, vocab_start,
                        num_contributions) -> LossTerms:

@@ -68,10 +68,11 @@ def normaliser_for(mode: str, counted: torch.Tensor, tok_weights: torch.Tensor |
 
 def weighted_loss_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, group_ids: torch.Tensor,
                         weights: torch.Tensor, mode: str, tp_group=None, vocab_start: int = 0,
-                        num_contributions: int = 1) -> LossTerms:
-    """Fused weighted CE (weights gathered by group id in the kernel) plus the normaliser."""
-    weighted, token_loss = weighted_cross_entropy(logits, labels, group_ids, weights.float(),
-                                                  tp_group=tp_group, vocab_start=vocab_start)
+                        num_contributions: int = 1, inplace_backward: bool = False) -> LossTerms:
+    """Fused weighted CE (weights gathered by group id in the kernel) plus the normaliser.
+    `inplace_backward`: the kernel may reuse the logits buffer (nothing reads it after the loss)."""
+    weighted, token_loss = weighted_cross_entropy(logits, labels, group_ids, weights.float(), tp_group=tp_group,
+                                                  vocab_start=vocab_start, inplace_backward=inplace_backward)
     loss_sum = (weighted * loss_mask.float()).sum()
     tok_w = token_weights(labels, group_ids, weights) if mode == "weights" else None
     counted = counted_tokens(loss_mask, labels, group_ids)

@@ -15,6 +15,8 @@ ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 LR_DECAY_STYLES = ("cosine", "linear", "constant", "inverse-square-root")
+ATTENTIONS = ("auto", "te", "sdpa", "local")
+RECOMPUTES = ("none", "selective", "full")
 
 
 def _positive_int(section: str, name: str, value) -> None:
@@ -30,10 +32,18 @@ def _non_negative(section: str, name: str, value) -> float:
 
 @dataclass
 class ModelConfig:
-    """GPT shape (megatron-core GPTModel, local layer spec).
+    """GPT shape and how its layers are built (megatron-core GPTModel).
 
     ffn_hidden_size defaults to 4 * hidden_size. Dropouts default to 0 (usual for pretraining and
     required for layout-equivalence checks). bf16 applies on GPU only; CPU runs in fp32.
+    attention: `te` = megatron's Transformer Engine layer spec; `sdpa` = the local spec with our
+    core attention on torch's scaled_dot_product_attention (flash / cuDNN / memory-efficient
+    kernels on GPU); `local` = megatron's unfused DotProductAttention (materialises s x s scores);
+    `auto` = te when transformer_engine imports on a GPU machine, else sdpa.
+    recompute: activation recomputation; `selective` recomputes the core attention, `full`
+    every transformer layer (one layer per checkpoint).
+    fusions: megatron's fused bias+activation (GeLU/SwiGLU) and bias+dropout+add kernels
+    (torch.compile-d) and, with Transformer Engine, the fused rotary embedding; GPU only.
     """
 
     vocab_size: int
@@ -54,6 +64,9 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     make_vocab_size_divisible_by: int = 128
     bf16: bool = True
+    attention: str = "auto"
+    recompute: str = "none"
+    fusions: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "hidden_size", "num_layers", "num_attention_heads",
@@ -83,7 +96,11 @@ class ModelConfig:
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ConfigError(f"model.position_embedding={self.position_embedding!r}; "
                               f"choose one of {', '.join(POSITION_EMBEDDINGS)}")
-        for name in ("tie_embeddings", "add_bias_linear", "bf16"):
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"model.attention={self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if self.recompute not in RECOMPUTES:
+            raise ConfigError(f"model.recompute={self.recompute!r}; choose one of {', '.join(RECOMPUTES)}")
+        for name in ("tie_embeddings", "add_bias_linear", "bf16", "fusions"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false")
 
@@ -119,12 +136,17 @@ class ParallelConfig:
 
     virtual_pipeline: model chunks per pipeline rank (interleaved 1F1B); None or 1 = plain 1F1B.
     sequence_parallel: shard activations along the sequence over TP (needs tensor > 1).
+    overlap_grad_reduce / overlap_param_gather: overlap the data-parallel gradient reduce-scatter
+    with the backward pass and the parameter all-gather with the next forward (megatron's
+    distributed optimizer); GPU only, CPU runs keep both off.
     """
 
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
     sequence_parallel: bool = False
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
     data: Optional[int] = None  # set by resolve(); not a user setting
 
     def __post_init__(self) -> None:
@@ -136,8 +158,9 @@ class ParallelConfig:
                 self.virtual_pipeline = None
             elif self.pipeline < 2:
                 raise ConfigError("parallel.virtual_pipeline > 1 needs parallel.pipeline >= 2")
-        if not isinstance(self.sequence_parallel, bool):
-            raise ConfigError(f"parallel.sequence_parallel={self.sequence_parallel!r} must be true or false")
+        for name in ("sequence_parallel", "overlap_grad_reduce", "overlap_param_gather"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"parallel.{name}={getattr(self, name)!r} must be true or false")
         if self.sequence_parallel and self.tensor < 2:
             self.sequence_parallel = False  # megatron semantics: meaningless without TP
 

@@ -6,6 +6,7 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
 1. `device="cuda"` / `device=torch.cuda.current_device()` in tensor factories of
    `pipeline_parallel.schedules` (total_num_tokens), `pipeline_parallel.p2p_communication`
    (shape exchange, receive buffers), `distributed.param_and_grad_buffer` (grad buffers),
+   `models.common.embeddings.rotary_pos_embedding` (RoPE frequencies),
    `optimizer.clip_grads` and `optimizer.optimizer` (norm / overflow scalars), `utils`
    (GlobalMemoryBuffer used by the local attention's baddbmm), `transformer.utils` (default
    causal mask), `tensor_parallel.mappings` and `tensor_parallel.layers` (sequence-parallel
@@ -16,7 +17,8 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
    real torch module.
 2. `tensor_parallel.random.CudaRNGStatesTracker.fork` reads/writes the CUDA RNG state; on CPU it
    becomes a no-op context (TP-region dropout is then not decorrelated across TP ranks on CPU;
-   CPU runs are for tests and demos, which use dropout 0).
+   CPU runs are for tests and demos, which use dropout 0). For the same reason activation
+   recomputation (`tensor_parallel.checkpoint`) saves and restores an empty CUDA RNG state.
 3. `optimizer.clip_grads.clip_grad_by_total_norm_fp32` asserts `torch.cuda.FloatTensor` grads;
    replaced (in the `optimizer` module namespace, where it is imported by name) by a same-math
    CPU version.
@@ -49,6 +51,7 @@ _PATCHED_MODULES = (
     "megatron.core.transformer.utils",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
 
@@ -132,6 +135,8 @@ def activate() -> bool:
 
     mc_optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     mc_random.CudaRNGStatesTracker.fork = _no_fork
+    mc_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mc_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _ACTIVE = True
     return True
 

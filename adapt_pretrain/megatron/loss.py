@@ -51,23 +51,30 @@ def group_signal_input(engine: AdaptEngine, hidden: Optional[torch.Tensor], batc
                        tp: TPContext) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """(hidden [T,H], group ids [T], positions [T]) for engine.group_weights / anchor_partial.
 
-    Hidden is megatron's [s, b, H] viewed as [s*b, H] with s-major side data. Under sequence
-    parallelism each TP rank holds a sequence shard: pool locally, all-reduce the [G, H] sums over
-    TP, and hand the engine the pooled rows as "tokens" with identity groups and position 1
-    (pool of one row times 1.0 is exact), so the engine's own scoring code runs unchanged.
+    Hidden is megatron's [s, b, H] viewed as [s*b, H] with s-major side data. With TP > 1 each
+    rank pools locally and the [G, H] sums are made identical on every TP rank: all-reduced under
+    sequence parallelism (each rank holds a sequence shard), broadcast from TP rank 0 without it
+    (each rank holds its own copy of the full hidden states, equal only up to the rounding of
+    its all-reduce and the order of the GPU pooling atomics). The engine then gets the pooled rows
+    as "tokens" with identity groups and position 1 (pool of one row times 1.0 is exact), so its
+    own scoring code runs unchanged and every TP rank derives bit-identical scores, weights,
+    normalisers and running statistics from the same rows.
     """
     gid = pooling_view(batch, "group_id", tp.rank, tp.size, tp.sequence_parallel)
     pos = pooling_view(batch, "position", tp.rank, tp.size, tp.sequence_parallel)
     if hidden is None:
         return None, gid, pos
     flat = hidden.detach().reshape(-1, hidden.shape[-1])
-    if not (tp.sequence_parallel and tp.size > 1):
+    if tp.size == 1:
         return flat, gid, pos
     from adapt_pretrain.core import pool_groups
 
     num_groups = batch["num_groups"]
     pooled = pool_groups(flat, gid, pos, num_groups)
-    dist.all_reduce(pooled, group=tp.group)
+    if tp.sequence_parallel:
+        dist.all_reduce(pooled, group=tp.group)
+    else:
+        dist.broadcast(pooled, src=dist.get_global_rank(tp.group, 0), group=tp.group)
     ids = torch.arange(num_groups, device=pooled.device)
     return pooled, ids, torch.ones(num_groups, dtype=pos.dtype, device=pooled.device)
 
@@ -111,8 +118,11 @@ def adapt_loss(engine: AdaptEngine, step: int, batch: dict[str, Any], logits: to
     gw = engine.group_weights(h, gid_pool, pos_pool, num_groups, step, static_scores(engine, batch))
     flat_logits = logits.reshape(-1, logits.shape[-1])
     if engine.cfg.enabled:
+        # in-place: the logits come straight out of the output layer and nothing reads them after
+        # the loss (megatron's own CE, the ADAPT-off path, overwrites them too)
         terms = engine.loss(flat_logits, labels, mask, gid_loss, gw.weights, step=step, tp_group=tp.loss_group,
-                            vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions)
+                            vocab_start=tp.rank * flat_logits.shape[-1], num_contributions=num_contributions,
+                            inplace_backward=True)
     else:
         terms = plain_terms(flat_logits, labels, mask, gw.weights)
     loss_sum = terms.loss_sum

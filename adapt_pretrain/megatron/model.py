@@ -1,6 +1,8 @@
-"""Build the megatron-core GPTModel chunks (local layer spec) for the current layout.
+"""Build the megatron-core GPTModel chunks for the current layout.
 
-One chunk per virtual pipeline stage, each wrapped in megatron's DistributedDataParallel.
+One chunk per virtual pipeline stage, each wrapped in megatron's DistributedDataParallel. The
+layer spec follows `model.attention` (`resolve_attention`): megatron's Transformer Engine spec, or
+the local spec with `SDPAttention` (torch SDPA) or megatron's own unfused DotProductAttention.
 `calculate_per_token_loss=True` is set on the TransformerConfig because the step engine returns
 (loss sum, token count) from its loss_func and normalises by the global sum itself (DESIGN 2).
 
@@ -11,13 +13,57 @@ engine exactly h_t with no second forward and no copy of megatron's forward code
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 from torch import nn
 
+from adapt_pretrain.config import ConfigError
 from adapt_pretrain.megatron import cpu_compat
 from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and a GPU is present (TE has no CPU kernels)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("transformer_engine.pytorch")
+    except Exception:  # ImportError, or a broken install (missing CUDA libraries)
+        return False
+    return True
+
+
+def resolve_attention(choice: str) -> str:
+    """`model.attention` -> the implementation used: te, sdpa or local (`auto`: te when available)."""
+    if choice == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    if choice == "te" and not transformer_engine_available():
+        raise ConfigError("model.attention=te needs transformer_engine importable on a GPU machine; "
+                          "use model.attention=sdpa (or auto)")
+    return choice
+
+
+def _fusion_flags(model: ModelConfig, attention: str, gpu: bool) -> dict:
+    """megatron's kernel fusions that apply to this model. They are torch.compile-d (or TE)
+    kernels, so GPU only; masked-softmax fusion is irrelevant with SDPA / TE attention."""
+    if not (gpu and model.fusions):
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                    masked_softmax_fusion=False)
+    # megatron's fused GeLU needs a bias unless gated; SwiGLU (silu + GLU) fuses with or without
+    bias_act = model.activation == "swiglu" or model.add_bias_linear
+    return dict(bias_activation_fusion=bias_act, bias_dropout_fusion=True,
+                apply_rope_fusion=attention == "te" and model.position_embedding == "rope",
+                masked_softmax_fusion=False)
+
+
+def _recompute_flags(recompute: str) -> dict:
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return {}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
@@ -26,6 +72,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
 
     gpu = torch.cuda.is_available()
     bf16 = bool(model.bf16 and gpu)
+    attention = resolve_attention(model.attention)
     kwargs = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -49,13 +96,11 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         use_cpu_initialization=not gpu,
         perform_initialization=True,
         calculate_per_token_loss=True,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         deallocate_pipeline_outputs=gpu,
+        **_fusion_flags(model, attention, gpu),
+        **_recompute_flags(model.recompute),
         **cpu_compat.schedule_flags(parallel.interleaved),
     )
     if model.activation == "swiglu":
@@ -83,17 +128,24 @@ class LocalNorm:
 
 
 def _layer_spec(model: ModelConfig, config, vp_stage: Optional[int]):
-    """The local GPT layer spec; with sequence parallelism, its norms (and the block's final norm)
-    become `LocalNorm`."""
+    """The GPT layer spec for `model.attention`. Local spec: `sdpa` swaps its core attention for
+    `SDPAttention`; with sequence parallelism its norms (and the block's final norm) become
+    `LocalNorm`. The TE spec brings its own fused attention, norms and SP support."""
     import copy
 
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = get_gpt_layer_local_spec(normalization=model.normalization)
+    attention = resolve_attention(model.attention)
+    if attention == "te":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization=model.normalization))
+    if attention == "sdpa":
+        from adapt_pretrain.megatron.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if not config.sequence_parallel:
         return spec
-    spec = copy.deepcopy(spec)
     spec.submodules.input_layernorm = LocalNorm
     spec.submodules.pre_mlp_layernorm = LocalNorm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -139,10 +191,10 @@ def build_model(model: ModelConfig, parallel: ParallelConfig) -> list[nn.Module]
             gpt = Float16Module(config, gpt)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=gpu and parallel.overlap_grad_reduce,
+            overlap_param_gather=gpu and parallel.overlap_param_gather,
             use_distributed_optimizer=gpu,
             check_for_nan_in_grad=False,
-            bucket_size=None,
         )
         chunk = DistributedDataParallel(config=config, ddp_config=ddp_config, module=gpt,
                                         disable_bucketing=vp_stage > 0)

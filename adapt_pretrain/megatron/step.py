@@ -19,6 +19,7 @@ Flow of one step (DESIGN 2):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -113,30 +114,31 @@ class TrainStep:
 
     # ----- megatron callbacks ---------------------------------------------------------------------
     def _forward_step(self, data_iterator, model: nn.Module):
-        """megatron forward_step_func: returns (output, loss_func); loss_func only on the last stage."""
+        """megatron forward_step_func: returns (output, loss_func); loss_func only on the last stage.
+
+        In anchor mode the last-stage chunk runs without its output layer (`_trunk_only`), so its
+        output *is* the final hidden states."""
         batch = next(data_iterator)
-        gpt = unwrap(model)
         b, s = batch["tokens"].shape
         position_ids = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
         output = model(batch["tokens"], position_ids, None)
-        if not gpt.post_process:
+        if id(model) not in self.capture:  # not the last stage
             return output, _unused_loss_func
-        hidden = self.capture[id(model)].pop()
         if self._mode == "anchors":
-            return output, partial(self._anchor_loss_func, batch, hidden)
+            return output, partial(self._anchor_loss_func, batch)
+        hidden = self.capture[id(model)].pop()
         return output, partial(self._train_loss_func, batch, hidden)
 
     def _train_loss_func(self, batch: dict[str, Any], hidden: torch.Tensor, logits: torch.Tensor):
         return adapt_loss(self.engine, self._step, batch, logits, hidden, self.tp,
                           self.num_microbatches * self.dp_size, self.acc)
 
-    def _anchor_loss_func(self, batch: dict[str, Any], hidden: torch.Tensor, logits: torch.Tensor):
+    def _anchor_loss_func(self, batch: dict[str, Any], hidden: torch.Tensor):
         h, gid, pos = group_signal_input(self.engine, hidden, batch, self.tp)
-        num_groups = h.shape[0] if self.tp.sequence_parallel and self.tp.size > 1 else batch["num_groups"]
-        unit_sum, count = self.engine.anchor_partial(h, gid, pos, num_groups)
+        unit_sum, count = self.engine.anchor_partial(h, gid, pos, batch["num_groups"])
         part = torch.cat([unit_sum.double(), count.double().reshape(1)])
         self._anchor_sums = part if self._anchor_sums is None else self._anchor_sums + part
-        zero = logits.new_zeros(())
+        zero = hidden.new_zeros(())
         return zero, torch.tensor(0, dtype=torch.int), {}
 
     def _finalize_model_grads(self, model: list[nn.Module], num_tokens: Optional[torch.Tensor] = None, **kwargs):
@@ -202,7 +204,8 @@ class TrainStep:
 
     @torch.no_grad()
     def refresh_anchors(self, step: int, anchor_micro_batches: list[dict[str, Any]]) -> dict[str, float]:
-        """Encode this DP rank's share of the anchors with a forward-only pipeline pass and set the
+        """Encode this DP rank's share of the anchors with a forward-only pipeline pass of the
+        trunk (no output layer, no logits: only the final hidden states are used) and set the
         centroid from sums all-reduced over DP (then broadcast over PP): identical on every rank.
 
         Every PP/TP rank of a DP replica must pass the same list; DP ranks may hold different
@@ -220,15 +223,16 @@ class TrainStep:
             try:
                 for chunk in self.chunks:
                     chunk.eval()
-                self.forward_backward(
-                    forward_step_func=self._forward_step,
-                    data_iterator=chunk_iterators(batches, len(self.chunks)),
-                    model=self.chunks,
-                    num_microbatches=len(batches),
-                    seq_length=s,
-                    micro_batch_size=b,
-                    forward_only=True,
-                )
+                with _trunk_only(self.chunks):
+                    self.forward_backward(
+                        forward_step_func=self._forward_step,
+                        data_iterator=chunk_iterators(batches, len(self.chunks)),
+                        model=self.chunks,
+                        num_microbatches=len(batches),
+                        seq_length=s,
+                        micro_batch_size=b,
+                        forward_only=True,
+                    )
             finally:
                 self._mode = "train"
                 for chunk in self.chunks:
@@ -252,6 +256,10 @@ class TrainStep:
         """This rank's model chunks, optimizer (incl. the distributed optimizer's shard), scheduler and
         engine; for a resume with the same layout. Tensors may alias live state: save (or deep-copy)
         before the next step."""
+        for chunk in self.chunks:
+            if chunk.ddp_config.overlap_param_gather:
+                # the updated parameters' all-gather normally overlaps with the next forward: finish it
+                chunk.start_param_sync(force_sync=True)
         state: dict[str, Any] = {
             "model": [unwrap(c).state_dict() for c in self.chunks],
             "optimizer": optimizer_state_dict(self.optimizer),
@@ -311,6 +319,21 @@ class TrainStep:
         dist.all_gather(gathered, packed, group=self.dp_group)
         full = torch.cat([g[:, :size] for g, size in zip(gathered, sizes)], dim=1)
         return {key: full[i].to(dtypes[key]).cpu() for i, key in enumerate(keys)}
+
+
+@contextlib.contextmanager
+def _trunk_only(chunks: list[nn.Module]):
+    """Run the last-stage GPTModel without its output layer: megatron's GPTModel returns the
+    decoder output (after the final norm, i.e. exactly what HiddenCapture sees) when
+    `post_process` is False at call time; the flag is restored afterwards."""
+    gpts = [unwrap(c) for c in chunks if unwrap(c).post_process]
+    for gpt in gpts:
+        gpt.post_process = False
+    try:
+        yield
+    finally:
+        for gpt in gpts:
+            gpt.post_process = True
 
 
 def _unused_loss_func(output: torch.Tensor):  # pragma: no cover - megatron only calls it on the last stage

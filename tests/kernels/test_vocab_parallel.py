@@ -1,9 +1,11 @@
 """Vocab-parallel weighted CE in 2 and 3 real gloo processes with uneven vocab shards.
 
-Every worker runs both the torch path and the Triton kernels (in the interpreter: each worker is
-a fresh process, so it can set TRITON_INTERPRET before triton is first imported), on its shard,
-with the row statistics all-reduced between the kernel phases. The parent checks that every
-rank's losses and the concatenated shard gradients equal the single-process full-vocab result.
+Every worker runs both the torch path (CPU tensors) and the Triton kernels, on its shard, with the
+row statistics all-reduced between the kernel phases. With CUDA present the Triton kernels run
+compiled on CUDA tensors (all workers share the GPU; gloo all-reduces CUDA tensors), otherwise in
+the interpreter (each worker is a fresh process, so it can set TRITON_INTERPRET before triton is
+first imported). The parent checks that every rank's losses and the concatenated shard gradients
+equal the single-process full-vocab result.
 """
 from __future__ import annotations
 
@@ -33,23 +35,27 @@ def _shard_run(rank: int, world_size: int, splits: list[int], kind: str):
     results = {}
     for dtype, backend, inplace in VARIANTS:
         shard = case.logits[:, start:start + splits[rank]].to(dtype)
+        device = "cpu"
         if backend == "triton":
-            if os.environ.get("TRITON_INTERPRET") != "1":
+            if torch.cuda.is_available():
+                device = "cuda"  # compiled kernels
+            elif os.environ.get("TRITON_INTERPRET") != "1":
                 assert "triton" not in sys.modules, "triton was imported before the interpreter was set"
                 os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import here
             from adapt_pretrain.kernels import triton_ce
 
             triton_ce.MAX_BLOCK_V = 16  # several blocks per shard, last one partial
         os.environ[FORCE_ENV] = "1" if backend == "triton" else "0"
-        logits = shard.clone().requires_grad_(True) * 1
-        wl, loss = weighted_cross_entropy(logits, case.targets, case.group_ids, case.weights,
-                                          ignore_index=case.ignore_index, inplace_backward=inplace,
-                                          tp_group=group, vocab_start=start)
-        (grad,) = torch.autograd.grad(wl, logits, grad_outputs=case.upstream)
+        logits = shard.to(device).requires_grad_(True) * 1
+        wl, loss = weighted_cross_entropy(logits, case.targets.to(device), case.group_ids.to(device),
+                                          case.weights.to(device), ignore_index=case.ignore_index,
+                                          inplace_backward=inplace, tp_group=group, vocab_start=start)
+        (grad,) = torch.autograd.grad(wl, logits, grad_outputs=case.upstream.to(device))
         assert grad.dtype == dtype and wl.dtype == loss.dtype == torch.float32
+        assert grad.device.type == device
         # numpy travels by value: tensors would be shared through file descriptors that die with
         # this process before the parent reads them.
-        results[(dtype, backend, inplace)] = tuple(t.detach().float().numpy().copy() for t in (wl, loss, grad))
+        results[(dtype, backend, inplace)] = tuple(t.detach().float().cpu().numpy().copy() for t in (wl, loss, grad))
     return results
 
 

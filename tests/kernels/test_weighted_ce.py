@@ -88,9 +88,10 @@ def test_saves_only_logits_and_row_vectors(backend, monkeypatch):
     logits = case.logits.to(device).requires_grad_(True)
     weights = case.weights.to(device).requires_grad_(True)
     wl, _ = weighted_cross_entropy(logits, case.targets.to(device), case.group_ids.to(device), weights)
-    big = [t for t in wl.grad_fn.saved_tensors if t.numel() >= logits.numel()]
+    saved = [t for t in wl.grad_fn.saved_tensors if t is not None]
+    big = [t for t in saved if t.numel() >= logits.numel()]
     assert len(big) == 1 and big[0].data_ptr() == logits.data_ptr()
-    assert all(t.dim() == 1 for t in wl.grad_fn.saved_tensors if t is not big[0])
+    assert all(t.dim() == 1 for t in saved if t is not big[0])
     wl.backward(case.upstream.to(device))
     assert weights.grad is None and logits.grad is not None
 
@@ -113,3 +114,30 @@ def test_rejects_bad_shapes():
     with pytest.raises(ValueError):
         weighted_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long),
                                torch.zeros(2, dtype=torch.long), torch.ones(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_guards_other_uses_of_the_logits(backend, monkeypatch):
+    """With in-place backward the logits buffer belongs to the kernel (the CPU fp32 path overwrites
+    it already in the forward): another autograd use of those logits must fail, not read garbage."""
+    device = use_backend(backend, monkeypatch)
+    case = make_ce_case("mixed")
+    leaf = case.logits.to(device).requires_grad_(True)
+    logits = leaf * 1
+    other = (logits * logits).sum()  # saves `logits` for its own backward
+    wl, _ = weighted_cross_entropy(logits, case.targets.to(device), case.group_ids.to(device),
+                                   case.weights.to(device), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (wl.sum() + other).backward()
+
+
+def test_cpu_inplace_forward_reuses_the_logits_buffer(monkeypatch):
+    """CPU fp32 with in-place backward: no [T, V] buffer besides the logits; the forward leaves
+    their log-softmax there and the backward the gradient (checked against fp64 elsewhere)."""
+    use_backend("torch", monkeypatch)
+    case = make_ce_case("mixed")
+    logits = case.logits.clone().requires_grad_(True) * 1
+    wl, _ = weighted_cross_entropy(logits, case.targets, case.group_ids, case.weights, inplace_backward=True)
+    torch.testing.assert_close(logits.detach(), torch.log_softmax(case.logits, dim=-1), rtol=0, atol=1e-5)
+    (grad,) = torch.autograd.grad(wl, logits, grad_outputs=case.upstream)
+    assert grad.data_ptr() == logits.data_ptr()
