@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from adapt_pretrain import watchdog
 from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, load_rank_state,
                                        read_meta, rng_state, save_checkpoint, set_rng_state)
 from adapt_pretrain.config import ConfigError
@@ -115,7 +116,7 @@ class Trainer:
 
         self.cfg, self.env = cfg, env
         if setup:
-            self.info = setup_parallel(cfg.parallel, cfg.train.seed)
+            self.info = setup_parallel(cfg.parallel, cfg.train.seed, timeout_s=cfg.train.process_group_timeout_s())
         else:
             torch.manual_seed(cfg.train.seed)  # same initial weights as a fresh setup would give
             self.info = parallel_info()
@@ -289,6 +290,7 @@ class Trainer:
         try:
             while self.state.step < end:
                 loss, step_s, refresh_s = self.step_once()
+                watchdog.beat(self.state.step)
                 result.losses.append(loss)
                 result.step_times.append(step_s + refresh_s)
                 if refresh_s:
@@ -459,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0
-    init_distributed(env)
+    init_distributed(env, timeout_s=cfg.train.process_group_timeout_s())
+    if cfg.train.watchdog:
+        watchdog.install(env.rank, env.world_size, cfg.train.collective_timeout_s, env.master_addr, env.master_port)
     trainer = None
     try:
         trainer = Trainer(cfg, env, resume=args.resume)
@@ -483,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         teardown_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+        watchdog.uninstall()
 
 
 if __name__ == "__main__":
