@@ -7,7 +7,8 @@ about who is at fault. The watchdog makes that bounded and explained.
 How: every rank runs two daemon threads.
 - The publisher writes this rank's heartbeat (last completed step, wall time, pid, host, and where
   its main thread is) to the job's rendezvous store every few seconds.
-- The checker ends the process when no progress (`beat`) came for `timeout_s`: it reads every
+- The checker ends the process when no progress (`beat`) came for `timeout_s` (before the first
+  step: STARTUP_ALLOWANCE_S, at least): it reads every
   rank's heartbeat, names the stuck rank(s) (a heartbeat that went silent: stopped, killed, or
   blocked in native code holding the GIL; else a rank that is busy outside a collective while the
   others wait, or one behind the others), dumps the Python stacks of every thread of this process
@@ -32,6 +33,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TextIO
 
 EXIT_CODE_HANG = 124  # like coreutils `timeout`: the job ended because something took too long
+# Before the first step completes a rank may legitimately be busy for minutes (imports on a loaded
+# node, first-use data preparation, model build, loading a checkpoint): it gets at least this long.
+# Collectives during start-up still fail after the process-group timeout.
+STARTUP_ALLOWANCE_S = 600.0
 _PREFIX = "[adapt-pretrain watchdog]"
 _STORE_KEY = "adapt_pretrain/watchdog/rank_{}"
 _COLLECTIVE_FUNCS = {"wait", "barrier", "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
@@ -99,8 +104,10 @@ class Watchdog:
     """The two threads of one rank. `store` is a torch.distributed Store (None: this rank alone)."""
 
     def __init__(self, rank: int, world_size: int, timeout_s: float, store: Any = None,
-                 poll_s: Optional[float] = None, out: Optional[TextIO] = None) -> None:
+                 poll_s: Optional[float] = None, out: Optional[TextIO] = None,
+                 startup_s: float = STARTUP_ALLOWANCE_S) -> None:
         self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.startup_s = max(float(startup_s), self.timeout_s)
         self.poll_s = poll_s if poll_s is not None else min(5.0, max(0.5, self.timeout_s / 10))
         self.silent_after_s = max(10.0, 4 * self.poll_s)
         self.store = store
@@ -147,8 +154,12 @@ class Watchdog:
     def _check_loop(self) -> None:
         while not self._stop.wait(min(self.poll_s, 1.0)):
             idle = time.monotonic() - self._last_progress
-            if idle > self.timeout_s and not self._stop.is_set():
+            if idle > self.limit_s() and not self._stop.is_set():
                 self._report_and_exit(idle)
+
+    def limit_s(self) -> float:
+        """How long the current phase may go without progress: start-up gets its allowance."""
+        return self.timeout_s if self.step is not None else self.startup_s
 
     # ----- the report
     def _read_beats(self) -> tuple[dict[int, Heartbeat], list[str]]:
@@ -179,8 +190,10 @@ class Watchdog:
         now = time.time()
         stuck, why = stuck_ranks(beats, now, self.silent_after_s)
         last = "none yet (start-up)" if self.step is None else str(self.step)
-        lines = [f"{_PREFIX} rank {self.rank}: no progress for {idle_s:.1f} s (timeout {self.timeout_s:.0f} s, "
-                 f"train.collective_timeout_s; last completed step: {last}). Ending this process."]
+        limit = f"timeout {self.timeout_s:.0f} s, train.collective_timeout_s" if self.step is not None else \
+            f"start-up allowance {self.startup_s:.0f} s"
+        lines = [f"{_PREFIX} rank {self.rank}: no progress for {idle_s:.1f} s ({limit}; last completed step: "
+                 f"{last}). Ending this process."]
         if stuck:
             lines.append(f"{_PREFIX} stuck rank(s): {', '.join(map(str, stuck))} ({why})")
         else:
