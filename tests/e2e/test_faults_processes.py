@@ -183,3 +183,19 @@ def test_killed_rank_leaves_no_loader_workers(demo_data_dir, tmp_path, launcher)
     finally:
         kill_tree(proc, workers)
     assert left == [], f"{launcher}: DataLoader workers of the killed rank still alive after {WORKERS_GONE_S} s: {left}"
+
+
+def test_stuck_rank_rules():
+    """Silent heartbeat first; else the rank busy outside a collective; else the rank behind."""
+    from adapt_pretrain.watchdog import Heartbeat, stuck_ranks
+
+    def beat(rank, step, age, waiting):
+        return Heartbeat(rank, step, 100.0 - age, 0.0, 1000 + rank, "host", [], waiting)
+
+    silent = {0: beat(0, 5, 0.5, True), 1: beat(1, 5, 30.0, False), 2: beat(2, 5, 1.0, False)}
+    assert stuck_ranks(silent, 100.0, 10.0)[0] == [1]
+    busy = {0: beat(0, 5, 0.5, True), 1: beat(1, 5, 1.0, False), 2: beat(2, 5, 1.0, True)}
+    assert stuck_ranks(busy, 100.0, 10.0)[0] == [1]
+    behind = {0: beat(0, 5, 0.5, True), 1: beat(1, 4, 1.0, True)}
+    assert stuck_ranks(behind, 100.0, 10.0)[0] == [1]
+    assert stuck_ranks({0: beat(0, 5, 0.5, True), 1: beat(1, 5, 1.0, True)}, 100.0, 10.0)[0] == []
