@@ -27,7 +27,9 @@ from adapt_pretrain.config import AdaptConfig, ConfigError, dataclass_from_dict
 class TrainConfig:
     """The training loop (not the model or the optimiser).
 
-    steps: optimiser steps of the whole run (also the LR schedule's horizon unless optim says otherwise).
+    steps: optimiser steps of the whole run (also the LR schedule's horizon unless optim says otherwise);
+        may grow on resume: the schedule then keeps the checkpoint's horizon unless re-planned
+        (docs/TRAINING.md, "Extending a run").
     micro_batch_size: sequences per micro-batch per data-parallel rank.
     global_batch_size: sequences per optimiser step over all data-parallel ranks; must be a multiple
         of micro_batch_size * dp. Leave null to use gradient_accumulation_steps instead.
@@ -195,6 +197,9 @@ class RunConfig:
     prepare: Any = None  # PrepareConfig when the data is prepared on first use (e.g. the demo corpus)
     source: str = ""  # the file it came from (for messages only)
     data_pending: dict[str, Any] | None = None  # data section waiting for `prepare` to create its dir
+    # optim.total_steps was not given and copies train.steps: a resume that extends train.steps then keeps
+    # the checkpoint's LR horizon instead of refusing the (derived) difference.
+    total_steps_derived: bool = False
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<dict>") -> "RunConfig":
@@ -203,6 +208,8 @@ class RunConfig:
         unknown = sorted(set(raw) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        optim = raw.get("optim")
+        total_steps_derived = not (isinstance(optim, Mapping) and "total_steps" in optim)
         raw = _derive(raw, source)
         classes = _section_classes()
         built: dict[str, Any] = {}
@@ -223,7 +230,7 @@ class RunConfig:
                 raise
             except TypeError as exc:  # e.g. a required field without a value
                 raise ConfigError(f"{source}: section {name!r}: {exc}") from None
-        cfg = cls(**built, source=source, data_pending=pending)
+        cfg = cls(**built, source=source, data_pending=pending, total_steps_derived=total_steps_derived)
         cfg.model.check_layout(cfg.parallel)
         return cfg
 

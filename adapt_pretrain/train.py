@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from adapt_pretrain import watchdog
-from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, load_rank_state,
-                                       read_meta, rng_state, save_checkpoint, set_rng_state)
+from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, committed_checkpoints,
+                                       consented_changes, has_checksums, load_rank_state, pin_checkpoint,
+                                       prune_checkpoints, read_meta, rng_state, save_checkpoint, select_checkpoint,
+                                       set_aside_all, set_aside_newer, set_rng_state, step_of, verify_everywhere)
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
@@ -31,9 +33,14 @@ from adapt_pretrain.run_config import RunConfig, load_run_config
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
+# Exit codes of `adapt-pretrain train` (docs/TRAINING.md, "Exit codes").
+EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_DATA = 0, 1, 2, 3, 4, 5
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient: training cannot recover by skipping."""
+
+    same_on_every_rank = True  # the skip decision is global, so every rank stops at the same step
 
 
 @dataclass
@@ -70,8 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                "or as one process. See docs/TRAINING.md.")
     p.add_argument("--config", "-c", help="YAML file, or DeepSpeed-style JSON with an \"adapt\" section")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from the newest checkpoint in <run_dir>/checkpoints (or from the given "
-                        "checkpoint directory); a fresh start if none exists")
+                   help="resume from the newest checkpoint in <run_dir>/checkpoints that verifies (or from the "
+                        "given checkpoint directory); step 0 if the run dir has no checkpoints yet")
+    p.add_argument("--allow-change", action="append", default=[], metavar="FIELD[,FIELD...]",
+                   help="on resume, let these optim.* fields differ from the checkpoint (e.g. optim.lr,optim.min_lr "
+                        "after a non-finite stop, or optim.total_steps to re-plan the LR schedule); each change "
+                        "is printed and logged as a resume_override event")
+    p.add_argument("--restart-from-scratch", action="store_true",
+                   help="start at step 0 although the run dir holds checkpoints; they are moved to "
+                        "checkpoints/superseded_<time>/, never deleted")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
@@ -99,6 +113,18 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
     return cfg.data_config()
 
 
+def fresh_start_problem(run_dir: str) -> str | None:
+    """Why a fresh start (no --resume) must not run in `run_dir`: it holds checkpoints it would overwrite."""
+    root = os.path.join(run_dir, CHECKPOINT_SUBDIR)
+    names = committed_checkpoints(root)
+    if not names and not os.path.exists(os.path.join(root, LATEST)):
+        return None
+    newest = f" (newest: {names[0]})" if names else ""
+    return (f"train.run_dir {run_dir} already holds checkpoints{newest}; a fresh start would overwrite them. "
+            "Resume with --resume, choose another train.run_dir, or pass --restart-from-scratch to start over "
+            f"(the checkpoints are then moved to {root}/superseded_<time>/, not deleted).")
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -109,8 +135,14 @@ def _barrier() -> None:
 class Trainer:
     """One training run on this rank. `run()` executes it; everything is built in `__init__`."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, resume: str | None = None, setup: bool = True) -> None:
-        """setup=False reuses the megatron layout already set up (the benchmark builds two trainers)."""
+    def __init__(self, cfg: RunConfig, env: DistEnv, resume: str | None = None, setup: bool = True,
+                 allow_change: tuple[str, ...] = (), restart: bool = False) -> None:
+        """setup=False reuses the megatron layout already set up (the benchmark builds two trainers).
+
+        resume: None (fresh start), "auto" (newest verified checkpoint of the run dir) or a directory.
+        allow_change: optim.* fields that may differ from the checkpoint (`--allow-change`).
+        restart: start at step 0 even if the run dir holds checkpoints (they are moved aside).
+        """
         from adapt_pretrain.core.engine import AdaptEngine
         from adapt_pretrain.megatron import TrainStep, build_model, build_optimizer, parallel_info, setup_parallel
 
@@ -127,6 +159,12 @@ class Trainer:
         self.ckpt_root = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
         if self.info.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
+        self._pending_events: list[tuple[str, dict[str, Any]]] = []  # logged once the monitor exists
+        self._prune_after_step: int | None = None  # prune once this step confirms the newest checkpoint
+        self._streak_start = 0  # first step of the current non-finite streak
+        # Cheap checks first: a refused resume fails before data and model are built.
+        resume_from = self._choose_start(resume, restart)
+        overrides = self._check_checkpoint(resume_from, allow_change) if resume_from else []
         self.data_cfg = ensure_data(cfg, self.info.rank)
         self._check_vocab()
         self.loader = self._build_loader()
@@ -138,9 +176,12 @@ class Trainer:
                                  self.num_microbatches)
         self.state = LoopState()
         self.resumed_from: str | None = None
-        if resume is not None:
-            self._resume(resume)
+        if resume_from:
+            self._load(resume_from, overrides)
+            self._move_newer_aside(resume_from)  # only now: a refused or failed resume changes nothing
         self.monitor = self._build_monitor()
+        for name, fields in self._pending_events:
+            self.monitor.log_event(self.state.step, name, **fields)
         self.stats_layout = self._stats_layout()
         self._data_iter: Iterator[dict] | None = None
 
@@ -199,43 +240,191 @@ class Trainer:
                 "data": self.loader.state_dict(), "rng": rng_state(), "loop": dataclasses.asdict(self.state)}
 
     def save(self) -> str:
-        return save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
-                               _barrier, keep=self.cfg.train.keep_checkpoints, all_ok=self._all_ok)
+        """Save this step's state (collective). Pruning waits until the next step confirms it is usable."""
+        path = save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
+                               self._exchange)
+        self._prune_after_step = self.state.step
+        return path
 
-    def _all_ok(self, ok: bool) -> bool:
-        """True on every rank only if `ok` is True on every rank (a MIN all-reduce)."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+    def _confirm_and_prune(self, step: int) -> None:
+        """Step `step` ran with a finite loss from the checkpoint saved just before it: prune older ones.
 
-    def _resume(self, where: str) -> None:
-        path = find_checkpoint(self.ckpt_root if where == "auto" else where)
-        if path is None:
-            if where != "auto":
-                raise CheckpointError(f"--resume {where}: no checkpoint found there")
-            if self.info.rank == 0:
-                print(f"[adapt-pretrain] --resume: no checkpoint in {self.ckpt_root}; starting from step 0", flush=True)
+        Deferring the prune keeps the previous checkpoint until the newest one has produced a finite
+        step, so a non-finite streak that starts right after a save still finds a good one behind it.
+        """
+        if self._prune_after_step != step:
             return
-        meta = read_meta(path)
-        check_resume_compatible(meta, self.cfg.to_dict(), self.layout)
-        state = load_rank_state(path, self.info.rank)
+        self._prune_after_step = None
+        if self.info.rank == 0:
+            prune_checkpoints(self.ckpt_root, self.cfg.train.keep_checkpoints)
+
+    def _exchange(self, obj: Any) -> list[Any]:
+        """All-gather of a small picklable object over every rank (a barrier that carries verdicts)."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _say(self, message: str) -> None:
+        if self.info.rank == 0:
+            print(f"[adapt-pretrain] {message}", file=sys.stderr, flush=True)
+
+    def _on_rank0(self, action: Any) -> Any:
+        """Run a filesystem action on rank 0; every rank raises if it failed (collective)."""
+        result, error = None, ""
+        if self.info.rank == 0:
+            try:
+                result = action()
+            except OSError as exc:
+                error = f"rank 0: {exc}"
+        errors = [e for e in self._exchange(error) if e]
+        if errors:
+            raise CheckpointError(f"cannot rearrange {self.ckpt_root}: {errors[0]}", same_on_every_rank=True)
+        return result
+
+    def _choose_start(self, resume: str | None, restart: bool) -> str | None:
+        """The checkpoint to resume from, or None for step 0. Collective; never starts over by accident.
+
+        A fresh start in a run dir with checkpoints, or a resume that finds checkpoints but none that
+        verifies, is refused unless `restart` says to start over (the checkpoints are then moved aside).
+        """
+        root = self.ckpt_root
+        if restart:
+            moved = self._on_rank0(lambda: set_aside_all(root, "moved aside by --restart-from-scratch"))
+            if moved:
+                self._say(f"--restart-from-scratch: the existing checkpoints were moved to {moved} (not deleted); "
+                          "starting from step 0")
+            return None
+        if resume is None:
+            problem = self._exchange(fresh_start_problem(self.run_dir) if self.info.rank == 0 else None)[0]
+            if problem:
+                raise CheckpointError(problem, same_on_every_rank=True)
+            return None
+        if resume != "auto" and (os.path.exists(os.path.join(resume, "meta.json"))
+                                 or step_of(os.path.basename(os.path.normpath(resume))) is not None):
+            problems = verify_everywhere(resume, self.info.rank, self._exchange)
+            if problems:
+                raise CheckpointError(f"--resume {resume}: this checkpoint cannot be loaded:\n  " + "\n  ".join(problems)
+                                      + "\nNothing was changed.", same_on_every_rank=True)
+            return resume
+        return self._newest_verified(root if resume == "auto" else resume)
+
+    def _newest_verified(self, root: str) -> str | None:
+        selection = select_checkpoint(root, self.info.rank, self._exchange)
+        if selection.path is None:
+            if selection.holds_checkpoints:
+                raise CheckpointError(
+                    f"--resume: no checkpoint in {root} can be loaded:\n{selection.describe_rejected()}"
+                    + "".join(f"\n  ({note})" for note in selection.notes)
+                    + "\nNothing was changed. Restore a checkpoint, resume a specific one with --resume DIR, or pass "
+                      f"--restart-from-scratch to start over from step 0 (the checkpoints are then moved to "
+                      f"{root}/superseded_<time>/, not deleted).", same_on_every_rank=True)
+            self._say(f"--resume: no checkpoint in {root} yet; starting from step 0")
+            return None
+        for note in selection.notes:
+            self._say(note)
+        if selection.rejected:
+            self._say(f"--resume: newer checkpoints cannot be loaded:\n{selection.describe_rejected()}\n"
+                      f"falling back to {os.path.basename(selection.path)}")
+            self._pending_events.append(("checkpoint_fallback", {
+                "resumed": os.path.basename(selection.path),
+                "rejected": {name: reasons for name, reasons in selection.rejected}}))
+        return selection.path
+
+    def _move_newer_aside(self, path: str) -> None:
+        """Checkpoints of this run dir newer than the one resumed (damaged ones, or a rolled-back timeline)
+        would be overwritten by the next saves: move them aside, never delete them."""
+        step = step_of(os.path.basename(os.path.normpath(path)))
+        if step is None:
+            return
+        why = f"newer than {os.path.basename(path)}, from which the run was resumed (damaged, or a rollback)"
+        newer, dest = self._on_rank0(lambda: set_aside_newer(self.ckpt_root, step, why)) or ([], None)
+        if dest:
+            self._say(f"moved {', '.join(newer)} (newer than the resumed checkpoint) to {dest}; not deleted")
+
+    def _check_checkpoint(self, path: str, allow_change: tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+        """Compare the checkpoint's config with this run's; returns the changes `--allow-change` lets through."""
         try:
+            meta = read_meta(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path}/meta.json: {exc}", same_on_every_rank=True) from None
+        if not has_checksums(path):
+            self._say(f"{path} predates checksums (format 1): loading it unverified")
+        self._keep_schedule_horizon(meta.get("config", {}), allow_change)
+        check_resume_compatible(meta, self.cfg.to_dict(), self.layout, allow_change)
+        changes = consented_changes(meta.get("config", {}), self.cfg.to_dict(), allow_change)
+        for key, old, new in changes:
+            self._say(f"--allow-change: {key} {old!r} (checkpoint) -> {new!r} (now)")
+            self._pending_events.append(("resume_override", {"field": key, "checkpoint": old, "now": new}))
+        return changes
+
+    def _keep_schedule_horizon(self, saved: dict[str, Any], allow_change: tuple[str, ...]) -> None:
+        """Extending train.steps on resume keeps the checkpoint's LR horizon unless the user re-plans it.
+
+        optim.total_steps copies train.steps when not given, so a longer run would otherwise look like a
+        changed schedule. Keeping the horizon changes nothing already computed; the LR stays at min_lr
+        past it. `--allow-change optim.total_steps` re-plans instead (a logged override).
+        """
+        saved_total = (saved.get("optim") or {}).get("total_steps")
+        optim = self.cfg.optim
+        if (not self.cfg.total_steps_derived or not isinstance(saved_total, int) or saved_total == optim.total_steps
+                or any(f in ("optim.total_steps", "optim.", "optim.*") for f in allow_change)):
+            return
+        self.cfg.optim = dataclasses.replace(optim, total_steps=saved_total)
+        self._say(f"train.steps={self.cfg.train.steps}: keeping the checkpoint's LR schedule horizon of {saved_total} "
+                  f"steps (the LR stays at optim.min_lr={optim.min_lr} after step {saved_total}); to re-plan the "
+                  f"schedule for {self.cfg.train.steps} steps instead, resume with --allow-change optim.total_steps")
+        self._pending_events.append(("lr_schedule_kept", {"total_steps": saved_total,
+                                                          "train_steps": self.cfg.train.steps}))
+
+    def _load(self, path: str, overrides: list[tuple[str, Any, Any]]) -> None:
+        """Load this rank's state from a verified checkpoint; all ranks fail together if any rank fails."""
+        failure: Exception | None = None
+        try:
+            state = load_rank_state(path, self.info.rank)
             self.step_fn.load_state_dict(state["step_fn"])
             self.engine.load_state_dict(state["engine"])
             self.loader.load_state_dict(state["data"])
             set_rng_state(state["rng"])
             self.state = LoopState(**state["loop"])
-        except DataError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"cannot load {path}: it was written by an incompatible version of the trainer "
-                                  f"or its parts ({type(exc).__name__}: {exc}). Start a new run_dir, or resume with "
-                                  "the version that wrote it.") from exc
+        except (DataError, CheckpointError) as exc:
+            failure = exc
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError, EOFError) as exc:
+            failure = CheckpointError(
+                f"cannot load {path}: it was written by an incompatible version of the trainer or its parts "
+                f"({type(exc).__name__}: {exc}). Start a new run_dir, or resume with the version that wrote it.")
+        failed = [r for r, bad in enumerate(self._exchange(failure is not None)) if bad]
+        if failure is not None:
+            raise failure  # printed by this rank, with its rank
+        if failed:
+            raise CheckpointError(f"rank(s) {failed} could not load {path} (see their messages); stopping",
+                                  same_on_every_rank=True)
+        if any(key.startswith("optim.") for key, _, _ in overrides):
+            self._apply_optim_config()
         self.resumed_from = path
+        self._pending_events.append(("resume", {"checkpoint": path}))
         if self.info.rank == 0:
             print(f"[adapt-pretrain] resumed from {path} at step {self.state.step}", flush=True)
+
+    def _apply_optim_config(self) -> None:
+        """Make the loaded optimiser and LR schedule follow the current optim.* (after --allow-change).
+
+        Loading restores the checkpoint's schedule (megatron's scheduler and param groups carry their
+        own lr, min_lr, horizon), so the allowed changes are written into them and the LR recomputed.
+        """
+        optim, scheduler = self.cfg.optim, self.scheduler
+        scheduler.init_lr = 0.0 if optim.warmup_steps > 0 else optim.lr
+        scheduler.max_lr, scheduler.min_lr = float(optim.lr), float(optim.min_lr)
+        scheduler.lr_warmup_steps, scheduler.lr_decay_steps = optim.warmup_steps, optim.total_steps
+        scheduler.lr_decay_style = optim.lr_decay_style
+        scheduler.start_wd = scheduler.end_wd = optim.weight_decay
+        scheduler.wd_incr_steps = optim.total_steps
+        for group in self.optimizer.param_groups:
+            group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+            if "max_lr" in group:
+                group["max_lr"], group["min_lr"] = float(optim.lr), float(optim.min_lr)
+        scheduler.step(increment=0)  # the current step's lr and weight decay under the new settings
 
     # -- the loop -------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> list[dict]:
@@ -286,7 +475,11 @@ class Trainer:
         cfg = self.cfg.train
         end = min(cfg.steps, cfg.stop_at_step or cfg.steps)
         result = RunResult(steps_run=0, final_step=self.state.step, run_dir=self.run_dir)
+        if self.state.step >= end:
+            self._say(f"nothing to run: the run is at step {self.state.step} and train.steps / train.stop_at_step "
+                      f"end it at {end}")
         bar = self._progress_bar(self.state.step, end)
+        saved_at = -1
         try:
             while self.state.step < end:
                 loss, step_s, refresh_s = self.step_once()
@@ -300,14 +493,27 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self._last_lr:.2e}", refresh=False)
                     bar.update(1)
                 if cfg.checkpoint_interval and self.state.step % cfg.checkpoint_interval == 0:
-                    self.save()
-            if self.state.step > 0 and not (cfg.checkpoint_interval and self.state.step % cfg.checkpoint_interval == 0):
+                    saved_at = self._save_unless_nonfinite()
+            if self.state.nonfinite_in_row:
+                self._stop_nonfinite(self.state.step - 1, f"the run ended at step {self.state.step} during "
+                                     f"{self.state.nonfinite_in_row} consecutive non-finite steps")
+            if result.steps_run and saved_at != self.state.step:
                 self.save()  # the final state, so the run can be evaluated or continued
         finally:
             if bar is not None:
                 bar.close()
         result.final_step = self.state.step
         return result
+
+    def _save_unless_nonfinite(self) -> int:
+        """Save now unless the latest steps were skipped as non-finite (their state must not be kept)."""
+        if self.state.nonfinite_in_row:
+            self._say(f"step {self.state.step}: checkpoint not written ({self.state.nonfinite_in_row} non-finite "
+                      "step(s) in a row)")
+            self.monitor.log_event(self.state.step, "checkpoint_skipped_nonfinite", in_row=self.state.nonfinite_in_row)
+            return -1
+        self.save()
+        return self.state.step
 
     def _progress_bar(self, start: int, end: int) -> Any:
         if not (self.cfg.train.progress_bar and self.info.is_logging_rank):
@@ -320,6 +526,7 @@ class Trainer:
         bad = bool(out.skipped) or not math.isfinite(loss)
         if not bad:
             self.state.nonfinite_in_row = 0
+            self._confirm_and_prune(step)
             return
         self.state.nonfinite_in_row += 1
         self.state.skipped_steps += 1
@@ -327,12 +534,53 @@ class Trainer:
         if self.info.is_logging_rank:
             print(f"[adapt-pretrain] step {step}: non-finite loss/gradient ({loss}); update skipped "
                   f"({self.state.nonfinite_in_row} in a row)", file=sys.stderr, flush=True)
+        if self.state.nonfinite_in_row == 1:
+            self._pin_before_streak(step)
         limit = self.cfg.train.max_nonfinite_in_row
         if self.state.nonfinite_in_row >= limit:
-            raise NonFiniteLossError(
-                f"stopping at step {step}: {limit} consecutive steps had a non-finite loss or gradient "
-                f"(train.max_nonfinite_in_row={limit}). Lower optim.lr, raise optim.warmup_steps, check the data, "
-                f"or resume from the last checkpoint in {self.ckpt_root}.")
+            self._stop_nonfinite(step, f"{limit} consecutive steps had a non-finite loss or gradient "
+                                       f"(train.max_nonfinite_in_row={limit})")
+
+    def _last_good_checkpoint(self, first_bad_step: int) -> str | None:
+        """The newest checkpoint written before step `first_bad_step` ran. Its successor (if any) holds the
+        weights that produced the first non-finite loss, so it is suspect."""
+        older = [n for n in committed_checkpoints(self.ckpt_root) if (step_of(n) or 0) < first_bad_step]
+        return older[0] if older else None
+
+    def _pin_before_streak(self, step: int) -> None:
+        """A streak begins at `step`: protect the last checkpoint before it from pruning, for good."""
+        self._streak_start = step
+        good = self._last_good_checkpoint(step)
+        if good is None:
+            return
+        why = f"last checkpoint before the non-finite streak that began at step {step}"
+        self._on_rank0(lambda: pin_checkpoint(self.ckpt_root, good, why))
+        self.monitor.log_event(step, "checkpoint_pinned", checkpoint=good, reason=why)
+
+    def _stop_nonfinite(self, step: int, what: str) -> None:
+        """Stop with a message that says exactly how to continue; checkpoints written after the last good
+        one are moved aside so a plain `--resume` cannot pick their state either."""
+        start = self._streak_start if self.state.nonfinite_in_row else step
+        good = self._last_good_checkpoint(start)
+        why = f"written after step {start - 1}; step {start} went non-finite from this state"
+        suspect, dest = self._on_rank0(lambda: set_aside_newer(self.ckpt_root, step_of(good) if good else -1, why)) \
+            or ([], None)
+        moved = f" Checkpoints written after the last good step ({', '.join(suspect)}) were moved to {dest}." \
+            if dest else ""
+        optim = self.cfg.optim
+        lower = [f"optim.lr={optim.lr / 10:g}"] + ([f"optim.min_lr={optim.min_lr / 10:g}"] if optim.min_lr else [])
+        fields = ",".join(arg.split("=")[0] for arg in lower)
+        if good:
+            path = os.path.join(self.ckpt_root, good)
+            how = (f"To continue from {path}, the last checkpoint before the streak (pinned: never pruned), with a "
+                   f"lower learning rate, run your launch command again with these arguments added:\n"
+                   f"  --resume {path} --allow-change {fields} {' '.join(lower)}\n")
+        else:
+            how = ("No checkpoint from before the streak exists. To start over with a lower learning rate, run your "
+                   f"launch command again with these arguments added:\n  --restart-from-scratch {' '.join(lower)}\n")
+        raise NonFiniteLossError(
+            f"stopping at step {step}: {what}; no checkpoint was written from them.{moved}\n{how}"
+            "Other remedies: raise optim.warmup_steps, lower optim.clip_grad, check the data.")
 
     def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float) -> None:
         from adapt_pretrain.monitor import finalize, partial_stats
@@ -440,11 +688,56 @@ def _quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
 
 
+def _allowed_changes(args: argparse.Namespace, cfg: RunConfig) -> tuple[str, ...]:
+    """The fields of `--allow-change` (comma lists, repeatable), checked against the config."""
+    from adapt_pretrain.checkpoint import consent_problems
+
+    fields = tuple(f.strip() for group in args.allow_change for f in group.split(",") if f.strip())
+    if fields and args.resume is None:
+        raise ConfigError("--allow-change only applies to a resume (add --resume)")
+    bad = consent_problems(fields)
+    if bad:
+        raise ConfigError(f"--allow-change {', '.join(bad)}: only optim.* fields may change on resume with consent "
+                          "(other changes alter what the saved state means; start a new run_dir for those)")
+    known = set(dataclasses.asdict(cfg.optim))
+    unknown = [f for f in fields if f.rstrip("*").rstrip(".") != "optim" and f.split(".", 1)[1] not in known]
+    if unknown:
+        raise ConfigError(f"--allow-change {', '.join(unknown)}: unknown field(s); optim has {', '.join(sorted(known))}")
+    return fields
+
+
+def _report(exc: BaseException, rank: int, unexpected: bool = False) -> None:
+    """Print a failure on the console with its rank. Verdicts every rank reached alike print once (rank 0)."""
+    if not unexpected and getattr(exc, "same_on_every_rank", isinstance(exc, ConfigError)) and rank != 0:
+        return
+    if unexpected:
+        import traceback
+
+        lines = traceback.format_exception(exc)
+        text = f"unexpected {type(exc).__name__}: {exc}\n" + "".join(f"[rank {rank}] {line}" for chunk in lines
+                                                                      for line in chunk.splitlines(keepends=True))
+    else:
+        text = str(exc)
+    print(f"adapt-pretrain train (rank {rank}): {text}", file=sys.stderr, flush=True)
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, CheckpointError):
+        return EXIT_CHECKPOINT
+    if isinstance(exc, NonFiniteLossError):
+        return EXIT_NONFINITE
+    if isinstance(exc, DataError):
+        return EXIT_DATA
+    return EXIT_UNEXPECTED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_known_warnings()
     argv, local_rank = strip_local_rank(argv)  # deepspeed appends --local_rank=N
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow options (e.g. appended ones)
     if args.resume not in (None, "auto") and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides.insert(0, args.resume)  # `--resume train.steps=9`: an override, not a path
         args.resume = "auto"
@@ -453,32 +746,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_run_config(args.config, args.overrides)
         cfg.layout(env.world_size)
+        allow_change = _allowed_changes(args, cfg)
     except ConfigError as exc:
         if env.rank == 0:
             print(f"adapt-pretrain train: config error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.print_config:
         if env.rank == 0:
             print(json.dumps(cfg.to_dict(), indent=2, default=str))
-        return 0
+        return EXIT_OK
+    problem = None if args.resume or args.restart_from_scratch else fresh_start_problem(cfg.train.run_dir)
+    if problem:  # refused in the first seconds, before the process group and megatron exist
+        if env.rank == 0:
+            print(f"adapt-pretrain train (rank 0): {problem}", file=sys.stderr, flush=True)
+        return EXIT_CHECKPOINT
     init_distributed(env, timeout_s=cfg.train.process_group_timeout_s())
     if cfg.train.watchdog:
         watchdog.install(env.rank, env.world_size, cfg.train.collective_timeout_s, env.master_addr, env.master_port)
     trainer = None
     try:
-        trainer = Trainer(cfg, env, resume=args.resume)
+        trainer = Trainer(cfg, env, resume=args.resume, allow_change=allow_change, restart=args.restart_from_scratch)
         t0 = time.perf_counter()
         result = trainer.run()
         if trainer.info.is_logging_rank:
             print(f"[adapt-pretrain] done: {result.steps_run} steps in {time.perf_counter() - t0:.1f}s, "
                   f"final loss {result.losses[-1] if result.losses else float('nan'):.4f}, run dir {cfg.train.run_dir}",
                   flush=True)
-        return 0
+        return EXIT_OK
     except (ConfigError, CheckpointError, NonFiniteLossError, DataError) as exc:
-        # every rank reaches the same verdict; one message is enough
-        if env.rank == 0 or isinstance(exc, DataError):
-            print(f"adapt-pretrain train (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
-        return 3
+        _report(exc, env.rank)
+        return _exit_code(exc)
+    except Exception as exc:  # a bug or an environment failure: every rank shows its own, with its rank
+        _report(exc, env.rank, unexpected=True)
+        return EXIT_UNEXPECTED
     finally:
         if trainer is not None:
             trainer.close()

@@ -18,7 +18,8 @@ import torch
 from adapt_pretrain.config import AdaptConfig
 from adapt_pretrain.core.anchors import AnchorState
 from adapt_pretrain.core.linupper import linupper_weights
-from adapt_pretrain.core.loss import LossTerms, normaliser_for, plain_token_loss, token_weights, weighted_loss_terms
+from adapt_pretrain.core.loss import (LossTerms, counted_tokens, normaliser_for, plain_token_loss, token_weights,
+                                      weighted_loss_terms)
 from adapt_pretrain.core.pooling import pool_groups, unit_rows
 from adapt_pretrain.core.weights import RunningScoreStats, weights_from_scores
 from adapt_pretrain.kernels import score_and_weight
@@ -162,7 +163,8 @@ class AdaptEngine:
     def _linupper_loss(self, logits, labels, loss_mask, group_ids, num_groups, step, tp_group, vocab_start,
                        num_contributions) -> LossTerms:
         token_loss = plain_token_loss(logits, labels, tp_group, vocab_start)
-        sums, counts = group_loss_means(token_loss.detach(), loss_mask, group_ids, num_groups)
+        counted = counted_tokens(loss_mask, labels, group_ids)  # a group's mean is over its loss-carrying tokens
+        sums, counts = group_loss_means(token_loss.detach(), counted, group_ids, num_groups)
         present = counts > 0
         means = sums / counts.clamp_min(1.0)
         if present.any():
@@ -174,9 +176,8 @@ class AdaptEngine:
         else:
             weights = linupper_weights(means, *self.loss_range, self.cfg.linupper_d, self.cfg.linupper_r)
         tok_w = token_weights(labels, group_ids, weights)
-        mask = loss_mask.float()
-        loss_sum = (token_loss * tok_w * mask).sum()
-        normaliser = normaliser_for(self.cfg.normalize, mask, tok_w, num_contributions)
+        loss_sum = (token_loss * tok_w * loss_mask.float()).sum()
+        normaliser = normaliser_for(self.cfg.normalize, counted, tok_w, num_contributions)
         return LossTerms(loss_sum, normaliser, token_loss.detach(), weights)
 
     # ----- end of step ----------------------------------------------------------------------------

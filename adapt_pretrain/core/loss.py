@@ -1,8 +1,8 @@
-"""Weighted loss assembly (DESIGN 1.4), returning a sum and its normaliser separately.
+"""Weighted loss assembly (docs/METHOD.md), returning a sum and its normaliser separately.
 
 Returning `(sum m w l, normaliser)` instead of a ratio lets the caller normalise over the *global*
 batch (all micro-batches and data-parallel ranks), which is what keeps any parallel layout equal to
-a single process (DESIGN 2).
+a single process (docs/PARALLELISM.md).
 """
 from __future__ import annotations
 
@@ -39,21 +39,30 @@ def token_weights(labels: torch.Tensor, group_ids: torch.Tensor, weights: torch.
     return reference.token_weights(labels, group_ids, weights, IGNORE_INDEX)
 
 
-def normaliser_for(mode: str, loss_mask: torch.Tensor, tok_weights: torch.Tensor | None,
+def counted_tokens(loss_mask: torch.Tensor, labels: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """The loss mask restricted to tokens that carry a loss (a label other than IGNORE_INDEX and a
+    group other than padding -1), as fp32 [T]. Such a token has no loss (and weight 0), so counting it
+    in a normaliser would dilute the loss by tokens that contribute nothing."""
+    carries = (labels != IGNORE_INDEX) & (group_ids >= 0)
+    return loss_mask.float() * carries.float()
+
+
+def normaliser_for(mode: str, counted: torch.Tensor, tok_weights: torch.Tensor | None,
                    num_contributions: int) -> torch.Tensor:
     """This micro-batch's share of the global normaliser for `weights`, `tokens` or `sum` mode.
 
-    For `sum` the global normaliser must be 1: each of the `num_contributions` micro-batches
-    (micro-batches x data-parallel ranks) contributes 1 / num_contributions.
+    `counted` comes from `counted_tokens`: `weights` sums m w and `tokens` sums m over the tokens that
+    carry a loss. For `sum` the global normaliser must be 1: each of the `num_contributions`
+    micro-batches (micro-batches x data-parallel ranks) contributes 1 / num_contributions.
     """
-    mask = loss_mask.float()
     if mode == "weights":
-        base = mask if tok_weights is None else mask * tok_weights
-        return base.sum().detach()
+        if tok_weights is None:
+            raise ValueError("normalize=weights needs the token weights")
+        return (counted * tok_weights).sum().detach()
     if mode == "tokens":
-        return mask.sum().detach()
+        return counted.sum().detach()
     if mode == "sum":
-        return torch.tensor(1.0 / num_contributions, dtype=torch.float32, device=mask.device)
+        return torch.tensor(1.0 / num_contributions, dtype=torch.float32, device=counted.device)
     raise ValueError(f"unknown normalisation mode {mode!r}")
 
 
@@ -63,7 +72,7 @@ def weighted_loss_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: t
     """Fused weighted CE (weights gathered by group id in the kernel) plus the normaliser."""
     weighted, token_loss = weighted_cross_entropy(logits, labels, group_ids, weights.float(),
                                                   tp_group=tp_group, vocab_start=vocab_start)
-    mask = loss_mask.float()
-    loss_sum = (weighted * mask).sum()
+    loss_sum = (weighted * loss_mask.float()).sum()
     tok_w = token_weights(labels, group_ids, weights) if mode == "weights" else None
-    return LossTerms(loss_sum, normaliser_for(mode, mask, tok_w, num_contributions), token_loss, weights.detach())
+    counted = counted_tokens(loss_mask, labels, group_ids)
+    return LossTerms(loss_sum, normaliser_for(mode, counted, tok_w, num_contributions), token_loss, weights.detach())

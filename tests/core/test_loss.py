@@ -1,4 +1,5 @@
 """Loss assembly: plain CE when off or uniform, the three normalisations, micro-batch split invariance."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +93,55 @@ def test_linupper_weights_equal_softmax_of_clipped_normalised_losses():
     softmax = torch.softmax(w_prime / 0.5, dim=0)
     got = second.weights.double() / second.weights.double().sum()
     torch.testing.assert_close(got, softmax, rtol=1e-4, atol=1e-6)
+
+
+def test_tokens_normaliser_counts_only_tokens_that_carry_a_loss():
+    """`tokens` divides by the number of tokens whose loss is in the sum: a token with loss_mask 1 but
+    an ignored label (-100) or no group (padding, -1) carries no loss and is not counted."""
+    b = packed_batch([4, 6, 3], pad=3, vocab=20, seed=3)
+    labels = b["labels"].clone()
+    labels[[1, 7]] = -100                                  # ignored labels inside documents
+    mask = torch.ones_like(b["loss_mask"])                 # mask 1 everywhere, padding included
+    carries = (labels != -100) & (b["group_ids"] >= 0)
+    assert int(carries.sum()) == 11
+    ce = reference_token_ce(b["logits"], labels.clamp_min(0)) * carries
+    w = torch.tensor([0.3, 1.4, 0.8])
+    tok_w = w.double()[b["group_ids"].clamp_min(0)] * carries
+    for mode, expected in [("tokens", (tok_w * ce).sum() / carries.sum()), ("weights", (tok_w * ce).sum() / tok_w.sum())]:
+        engine = AdaptEngine(AdaptConfig(enabled=True, normalize=mode))
+        terms = engine.loss(b["logits"].float(), labels, mask, b["group_ids"], w)
+        torch.testing.assert_close((terms.loss_sum / terms.normaliser).double(), expected, rtol=1e-5, atol=1e-6)
+    # LinUpper: the same count, and each group's mean loss is over its loss-carrying tokens only
+    engine = AdaptEngine(AdaptConfig(enabled=True, policy="linupper", normalize="tokens"))
+    terms = engine.loss(b["logits"].float(), labels, mask, b["group_ids"], torch.ones(3), step=0)
+    assert terms.normaliser.item() == 11
+    engine.end_step()
+    means = torch.stack([ce[(b["group_ids"] == g) & carries].mean() for g in range(3)])
+    assert engine.loss_range == pytest.approx((means.min().item(), means.max().item()), rel=1e-5)
+
+
+def test_linupper_gradient_treats_weights_as_constants():
+    """LinUpper's weights are functions of the per-group losses; the gradient must not flow through
+    them. Step 1 reuses step 0's batch, so the group means span the loss range and the groups below
+    its middle get weights on the slope (w' = n + d), where a gradient through the weights would
+    show; checked against an fp64 reference with explicitly constant weights."""
+    b = packed_batch([4, 6, 3, 5, 7, 2, 5], vocab=20, seed=21)
+    d, r = 1.0, 0.5
+    engine = AdaptEngine(AdaptConfig(enabled=True, policy="linupper", linupper_d=d, linupper_r=r))
+    engine.loss(b["logits"].float(), b["labels"], b["loss_mask"], b["group_ids"], torch.ones(7), step=0)
+    engine.end_step()
+    logits = b["logits"].float().requires_grad_(True)
+    terms = engine.loss(logits, b["labels"], b["loss_mask"], b["group_ids"], torch.ones(7), step=1)
+    (terms.loss_sum / terms.normaliser).backward()
+
+    logits64 = b["logits"].clone().requires_grad_(True)
+    ce = -torch.log_softmax(logits64, -1).gather(1, b["labels"][:, None]).squeeze(1)
+    means = torch.stack([ce[b["group_ids"] == g].mean() for g in range(7)]).detach()
+    normalised = ((means - means.min()) / (means.max() - means.min()) * 2 * d - d).clamp(-d, d)
+    w = torch.exp((torch.clamp(normalised + d, max=d) - d) / r)
+    on_slope = (w < 1 - 1e-3) & (w > torch.exp(torch.tensor(-d / r)) + 1e-3)
+    assert int(on_slope.sum()) >= 2, "the test needs weights whose derivative is not zero"
+    tok_w = w[b["group_ids"]] * b["loss_mask"]
+    ((tok_w * ce).sum() / tok_w.sum()).backward()
+    torch.testing.assert_close(terms.weights.double(), w, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-4, atol=1e-6)

@@ -1,6 +1,7 @@
-"""Pooling, scores and weights against fp64 references written from DESIGN 1.2-1.3."""
+"""Pooling, scores and weights against fp64 references written from the definitions in docs/METHOD.md."""
 import math
 
+import pytest
 import torch
 
 from adapt_pretrain.config import AdaptConfig
@@ -152,3 +153,50 @@ def test_micro_batch_standardization_z_scores_among_batch_mates():
     s = reference_embeddings(b["hidden"], b["group_ids"], b["positions"], 6) @ anchors.mean(0)
     expected = torch.sigmoid((s - s.mean()) / s.std(unbiased=False) / 0.5)
     torch.testing.assert_close(gw.weights.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.2])
+def test_running_statistics_are_an_ema_with_the_configured_momentum(momentum):
+    """mean <- m mean + (1 - m) batch mean (and the same for the population variance), hand-computed
+    over three steps; a non-default momentum, where swapping m and 1 - m shows."""
+    a = packed_batch([6, 6], seed=18)
+    cfg = AdaptConfig(enabled=True, standardize=True, standardize_momentum=momentum, tau=1.0)
+    engine = engine_with_anchors(cfg, a["hidden"], a["group_ids"], a["positions"], 2)
+    centroid = reference_embeddings(a["hidden"], a["group_ids"], a["positions"], 2).mean(0)
+    mean = var = None
+    for step, lengths in enumerate([[4, 5, 6, 7], [3, 8, 5], [6, 2, 9, 4, 5]]):
+        b = packed_batch(lengths, seed=19 + step)
+        gw = engine.group_weights(b["hidden"].float(), b["group_ids"], b["positions"], len(lengths), step=step)
+        s = reference_embeddings(b["hidden"], b["group_ids"], b["positions"], len(lengths)) @ centroid
+        if mean is not None:  # weights use the statistics as of the end of the previous step
+            expected = torch.sigmoid((s - mean) / math.sqrt(var + 1e-6))
+            torch.testing.assert_close(gw.weights.double(), expected, rtol=1e-4, atol=1e-5)
+        engine.end_step()
+        batch_mean, batch_var = s.mean().item(), s.var(unbiased=False).item()
+        if mean is None:
+            mean, var = batch_mean, batch_var
+        else:
+            mean = momentum * mean + (1 - momentum) * batch_mean
+            var = momentum * var + (1 - momentum) * batch_var
+        assert engine.score_stats.mean == pytest.approx(mean, abs=1e-6), f"EMA mean after step {step}"
+        assert engine.score_stats.var == pytest.approx(var, abs=1e-6), f"EMA variance after step {step}"
+
+
+def test_anchor_groups_without_tokens_are_left_out_of_the_centroid():
+    """The centroid is the mean over anchor groups that have tokens: a declared group with no token
+    (e.g. a padded micro-batch, all -1) adds nothing to the sum and nothing to the count."""
+    a = packed_batch([5, 7, 4], seed=22)
+    gids = a["group_ids"].clone()
+    gids[gids == 2] = 3                                   # declared groups 0..3; group 2 has no token
+    engine = AdaptEngine(AdaptConfig(enabled=True))
+    unit_sum, count = engine.anchor_partial(a["hidden"].float(), gids, a["positions"], 4)
+    pad_sum, pad_count = engine.anchor_partial(torch.randn(6, 8), torch.full((6,), -1), torch.zeros(6, dtype=torch.long), 4)
+    assert (count.item(), pad_count.item()) == (3.0, 0.0)
+    assert torch.equal(pad_sum, torch.zeros(8))
+    event = engine.finish_anchor_refresh(unit_sum + pad_sum, count + pad_count, step=0)
+    assert event["anchors"] == 3.0
+    expected = reference_embeddings(a["hidden"], a["group_ids"], a["positions"], 3).mean(0)
+    torch.testing.assert_close(engine.anchors.centroid.double(), expected, rtol=1e-5, atol=1e-6)
+    # a refresh that saw no anchor with tokens at all is an error, not a centroid of zeros
+    with pytest.raises(ValueError, match="no anchor document"):
+        AdaptEngine(AdaptConfig(enabled=True)).finish_anchor_refresh(pad_sum, pad_count, step=0)

@@ -38,13 +38,31 @@ def optim_cfg():
     return OptimConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1, eps=1e-6, warmup_steps=0, total_steps=10)
 
 
-def adapt_cfg(enabled: bool = True, standardize: bool = True):
+def adapt_cfg(enabled: bool = True, standardize: bool = True, **overrides: Any):
     from adapt_pretrain.config import AdaptConfig
 
     # small tau: weights far from uniform (asserted in the test). standardize: the running
     # statistics' DP reduction is exercised from step 1 on (step 0 is uniform: no statistics yet).
+    # momentum 0.8, not the default 0.5 where swapping m and 1 - m changes nothing.
     return AdaptConfig(enabled=enabled, tau=0.5 if standardize else 0.05, standardize=standardize,
-                       refresh_interval=REFRESH_INTERVAL)
+                       standardize_momentum=0.8, refresh_interval=REFRESH_INTERVAL, **overrides)
+
+
+def linupper_cfg():
+    from adapt_pretrain.config import AdaptConfig
+
+    # r = 0.25: weights spread over [exp(-4), 1] (asserted in the test)
+    return AdaptConfig(enabled=True, policy="linupper", linupper_d=1.0, linupper_r=0.25)
+
+
+# The runs every layout makes from the same initial weights: name -> (config, steps). `one` and
+# `tokens`: one weighted step (raw-score weights); `linupper`: a uniform step then a weighted one;
+# `adapt`: STEPS standardised steps with refreshes, then the resume check.
+def runs() -> dict[str, tuple[Any, int]]:
+    return {"one": (adapt_cfg(standardize=False), 1),
+            "tokens": (adapt_cfg(standardize=False, normalize="tokens"), 1),
+            "linupper": (linupper_cfg(), 2),
+            "adapt": (adapt_cfg(), STEPS)}
 
 
 def micro_batch(seed: int, b: int = MICRO_BATCH, s: int = SEQ) -> dict[str, Any]:
@@ -101,19 +119,23 @@ def _build(layout: dict, init: Optional[dict], activation: str = "gelu"):
     return info, parallel, model, chunks
 
 
-def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standardize: bool = True,
-               check_resume: bool = False) -> dict[str, Any]:
-    """`steps` ADAPT steps with anchor refreshes; returns losses, norms, centroid, refresh steps."""
+def _adapt_run(info, parallel, model, chunks, cfg, steps: int, check_resume: bool = False,
+               trajectory: bool = True) -> dict[str, Any]:
+    """`steps` steps of the engine configured by `cfg` (anchor refreshes when it needs them); returns
+    losses, norms, centroid, refresh steps and, with `trajectory`, the full parameters and gradients
+    after every step (the independent reference replays the run on them)."""
     import torch.distributed as dist
 
     from adapt_pretrain.core import AdaptEngine
     from adapt_pretrain.megatron import TrainStep, build_optimizer
+    from adapt_pretrain.megatron.reshard import gather_full_state_dict
 
     optimizer, scheduler = build_optimizer(chunks, optim_cfg())
     m = GLOBAL_MICROBATCHES // info.dp_size
-    engine = AdaptEngine(adapt_cfg(enabled, standardize))
+    engine = AdaptEngine(cfg)
     step_fn = TrainStep(chunks, optimizer, scheduler, engine, model, parallel, m)
-    out: dict[str, Any] = {"loss": [], "grad_norm": [], "lr": [], "refresh_steps": [], "weights": []}
+    out: dict[str, Any] = {"loss": [], "grad_norm": [], "lr": [], "refresh_steps": [], "weights": [],
+                           "step_params": [], "step_grads": []}
     for step in range(steps):
         if engine.needs_anchor_refresh(step):
             step_fn.refresh_anchors(step, _shard(anchor_batches(), info.dp_rank, info.dp_size, contiguous=False))
@@ -124,15 +146,17 @@ def _adapt_run(info, parallel, model, chunks, enabled: bool, steps: int, standar
         out["lr"].append(result.lr)
         if result.groups is not None:
             out["weights"].append(result.groups["weights"])
+        if trajectory:
+            out["step_grads"].append(gather_full_state_dict(chunks, attr="main_grad"))
+            out["step_params"].append(gather_full_state_dict(chunks))
     if check_resume:
         # state_dict round trip on every rank: redoing the next step after reloading is exact
         import copy
 
-        from adapt_pretrain.megatron.reshard import gather_full_state_dict
-
         saved = copy.deepcopy(step_fn.state_dict())
         batch = _shard(global_batches(steps), info.dp_rank, info.dp_size)
         first = step_fn(steps, batch)
+        out["resume_loss"], out["resume_grad_norm"] = first.loss, first.grad_norm
         params_first = gather_full_state_dict(chunks)
         step_fn.load_state_dict(saved)
         again = step_fn(steps, batch)
@@ -169,7 +193,7 @@ def _skip_check(info, parallel, model, chunks, init: dict) -> dict[str, Any]:
     poisoned[key][0] = float("nan")
     load_full_state_dict(chunks, poisoned)
     optimizer, scheduler = build_optimizer(chunks, optim_cfg())
-    step_fn = TrainStep(chunks, optimizer, scheduler, AdaptEngine(adapt_cfg(False)), model, parallel,
+    step_fn = TrainStep(chunks, optimizer, scheduler, AdaptEngine(adapt_cfg(enabled=False)), model, parallel,
                         GLOBAL_MICROBATCHES // info.dp_size)
     result = step_fn(0, _shard(global_batches(0), info.dp_rank, info.dp_size))
     after = gather_full_state_dict(chunks)
@@ -260,7 +284,7 @@ def decode(data: bytes) -> Any:
 
 def run_layouts(rank: int, world_size: int, layouts: list[dict], init: Optional[bytes],
                 with_plain: bool = True) -> Optional[bytes]:
-    """For each layout: the ADAPT run (STEPS steps) and, if asked, ADAPT-off vs plain megatron
+    """For each layout: the `runs()` (each from `init`) and, if asked, ADAPT-off vs plain megatron
     (one step each from `init`). Returns encoded results on rank 0, None elsewhere."""
     from adapt_pretrain.megatron import teardown_parallel
     from adapt_pretrain.megatron.reshard import gather_full_state_dict
@@ -279,21 +303,19 @@ def run_layouts(rank: int, world_size: int, layouts: list[dict], init: Optional[
             init_here = init
         from adapt_pretrain.megatron.reshard import load_full_state_dict
 
-        t0 = time.perf_counter()
-        res["one"] = _adapt_run(info, parallel, model, chunks, True, 1, standardize=False)
-        timing["one"] = time.perf_counter() - t0
-        res["one"].update(_gather(chunks))
-        timing["gather"] = time.perf_counter() - t0 - timing["one"]
-        load_full_state_dict(chunks, init_here)
-        t0 = time.perf_counter()
-        res["adapt"] = _adapt_run(info, parallel, model, chunks, True, STEPS, check_resume=True)
-        timing["adapt"] = time.perf_counter() - t0
-        res["adapt"].update(_gather(chunks))  # (after the resume check's extra step)
+        for name, (cfg, steps) in runs().items():
+            load_full_state_dict(chunks, init_here)
+            t0 = time.perf_counter()
+            res[name] = _adapt_run(info, parallel, model, chunks, cfg, steps, check_resume=name == "adapt")
+            # final parameters and gradients (adapt: after the resume check's extra step)
+            res[name].update(_gather(chunks) if name == "adapt" else
+                             {"params": res[name]["step_params"][-1], "grads": res[name]["step_grads"][-1]})
+            timing[name] = time.perf_counter() - t0
         if init is None:  # reference process only: a non-finite loss skips the update everywhere
             res["skip"] = _skip_check(info, parallel, model, chunks, init_here)
         if with_plain:
             load_full_state_dict(chunks, init_here)
-            off = _adapt_run(info, parallel, model, chunks, False, 1)
+            off = _adapt_run(info, parallel, model, chunks, adapt_cfg(enabled=False), 1, trajectory=False)
             off_params = gather_full_state_dict(chunks)
             load_full_state_dict(chunks, init_here)
             plain_loss = _plain_megatron_step(info, chunks, 0)

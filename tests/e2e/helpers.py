@@ -72,3 +72,33 @@ def assert_same_params(a: list[dict], b: list[dict]) -> None:
         assert keys and keys == [k for k, v in chunk_b.items() if isinstance(v, torch.Tensor)]
         for key in keys:
             assert torch.equal(chunk_a[key], chunk_b[key]), key
+
+
+# ----- fault injection on real files --------------------------------------------------------------
+
+def flip_byte(path: str, offset: int | None = None) -> None:
+    """Invert one byte in the middle of a file (silent corruption: same size, still a valid zip for torch)."""
+    with open(path, "r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(size // 2 if offset is None else offset)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def truncate(path: str, keep: float = 0.5) -> None:
+    """Cut a file to a fraction of its size (a full disk or an interrupted copy)."""
+    os.truncate(path, int(os.path.getsize(path) * keep))
+
+
+def snapshot(directory: str) -> dict[str, str]:
+    """relative path -> sha256 of every file under `directory` (to prove nothing was changed)."""
+    import hashlib
+
+    out = {}
+    for base, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = hashlib.sha256(fh.read()).hexdigest()
+    return out

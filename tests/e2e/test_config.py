@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from adapt_pretrain.checkpoint import CheckpointError, check_resume_compatible
+from adapt_pretrain.checkpoint import CheckpointError, check_resume_compatible, consent_problems, consented_changes
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.run_config import load_run_config
 
@@ -139,6 +139,28 @@ def test_resume_compatibility_names_fields():
     assert "adapt.tau" in text and "pp: 1 (checkpoint) -> 2 (now)" in text and "parallel layout changed" in text
 
 
+def test_optim_changes_need_consent_and_are_reported():
+    config = {"train": {"steps": 10}, "optim": {"lr": 1e-3, "min_lr": 1e-4, "total_steps": 10}, "adapt": {"tau": 1.0}}
+    layout = {"world_size": 1}
+    meta = {"step": 4, "config": config, "layout": layout}
+    lower = {**config, "optim": {**config["optim"], "lr": 1e-4, "min_lr": 1e-5}}
+    with pytest.raises(CheckpointError) as err:
+        check_resume_compatible(meta, lower, layout)
+    assert "optim.lr: 0.001 (checkpoint) -> 0.0001 (now)" in str(err.value) and "--allow-change" in str(err.value)
+    check_resume_compatible(meta, lower, layout, allow=("optim.lr", "optim.min_lr"))
+    assert consented_changes(config, lower, ("optim.*",)) == [("optim.lr", 1e-3, 1e-4), ("optim.min_lr", 1e-4, 1e-5)]
+    with pytest.raises(CheckpointError, match="optim.min_lr"):  # only the named fields
+        check_resume_compatible(meta, lower, layout, allow=("optim.lr",))
+    assert consent_problems(["optim.lr", "optim.*", "adapt.tau", "model.hidden_size"]) == ["adapt.tau",
+                                                                                           "model.hidden_size"]
+
+
+def test_total_steps_derivation_is_recorded(demo_data_dir):
+    assert load_run_config(None, [*TINY_MODEL, f"data.data_dir={demo_data_dir}"]).total_steps_derived
+    cfg = load_run_config(None, [*TINY_MODEL, f"data.data_dir={demo_data_dir}", "optim.total_steps=50"])
+    assert not cfg.total_steps_derived and cfg.optim.total_steps == 50
+
+
 def test_cli_reports_config_error(tmp_path, demo_data_dir):
     """A real process: bad config exits with code 2 and a one-line message naming the field."""
     proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
@@ -149,3 +171,11 @@ def test_cli_reports_config_error(tmp_path, demo_data_dir):
     proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_cli_rejects_allow_change_outside_optim(tmp_path, demo_data_dir):
+    proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
+                           write_yaml(tmp_path, base(demo_data_dir)), "--resume", "--allow-change", "optim.lr,adapt.tau"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--allow-change adapt.tau" in proc.stderr and "only optim.*" in proc.stderr

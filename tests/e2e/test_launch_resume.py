@@ -6,7 +6,9 @@ One scenario, four launches, so the suite stays CI-sized:
   leg 1  the two-node `--no_ssh --node_rank R --num_nodes 2 --master_addr 127.0.0.1` form (two launcher
          invocations on this machine), stopped after step 3 with a checkpoint;
   leg 2  torchrun `--resume` of leg 1's checkpoint, to step 6 (with a safe change: log interval);
-  refuse one plain process resuming that 2-process checkpoint with adapt.tau changed.
+  refuse one plain process resuming that 2-process checkpoint with adapt.tau changed;
+  faults a copy of the 2-process checkpoints damaged on rank 1 only, resumed by deepspeed: rank 1's
+         problems reach the console with its rank, both ranks stop together with exit code 3.
 The resumed run must equal the uninterrupted one bit for bit (losses and final parameters): model,
 optimiser, scheduler, RNG, data-stream position and ADAPT state all come back. ADAPT is on and the
 anchors refresh every 2 steps, so a refresh (step 4) happens after the resume point. It also shows
@@ -15,13 +17,14 @@ that deepspeed's two forms and torchrun give the processes the same ranks (ident
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
 
 from .conftest import TINY_MODEL
-from .helpers import (DEEPSPEED, REPO, assert_same_params, env, events, free_port, losses, model_state, train_deepspeed,
-                      train_plain, train_torchrun)
+from .helpers import (DEEPSPEED, REPO, assert_same_params, env, events, free_port, losses, model_state, snapshot,
+                      train_deepspeed, train_plain, train_torchrun)
 
 STEPS = 6
 DEMO = os.path.join(REPO, "launch", "configs", "demo-cpu.yaml")
@@ -92,3 +95,34 @@ def test_resume_refuses_changed_layout_and_config(runs, demo_data_dir):
     assert "parallel layout changed" in message and "dp: 2 (checkpoint) -> 1 (now)" in message
     assert "adapt.tau: 1.0 (checkpoint) -> 2.0 (now)" in message
     assert "Traceback" not in message
+
+
+def test_rank_1_errors_reach_the_console_with_its_rank(runs, demo_data_dir, tmp_path):
+    """Rank 1's file of step 6 is missing, and its step-3 file is a valid torch file that its loader cannot
+    use (rewritten without the ADAPT state, checksums updated: what another trainer version would write).
+    Rank 1's verification problem is reported with its rank and the resume falls back to step 3; rank 1's
+    load failure is printed by rank 1 with its rank; rank 0 stops too (no hang); exit code 3; nothing moved."""
+    import torch
+
+    from adapt_pretrain.checkpoint import describe_files, write_manifest
+
+    run_dir = str(tmp_path / "part")
+    shutil.copytree(runs["part"], run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints")
+    os.remove(os.path.join(ckpt, "step_000006", "rank_00001.pt"))
+    step3 = os.path.join(ckpt, "step_000003")
+    state = torch.load(os.path.join(step3, "rank_00001.pt"), weights_only=False)
+    del state["engine"]
+    torch.save(state, os.path.join(step3, "rank_00001.pt"))
+    manifest = __import__("json").load(open(os.path.join(step3, "manifest.json")))
+    write_manifest(step3, 3, {**manifest["files"], **describe_files(step3, ["rank_00001.pt"], rank=1)})
+    before = snapshot(run_dir)
+    proc = train_deepspeed(["--num_gpus", "2", "--master_port", str(free_port())],
+                           [*args(demo_data_dir, run_dir), "--resume"], check=False, timeout=180)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 3, log[-4000:]
+    assert "step_000006: rank_00001.pt is missing (rank 1)" in log and "falling back to step_000003" in log
+    assert "adapt-pretrain train (rank 1): cannot load" in log and "KeyError" in log and "'engine'" in log
+    assert "adapt-pretrain train (rank 0): rank(s) [1] could not load" in log
+    assert "Traceback" not in log
+    assert snapshot(run_dir) == before
