@@ -44,6 +44,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 SAFE_TO_CHANGE = (
     "train.steps", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.stop_at_step", "train.progress_bar", "train.max_nonfinite_in_row", "train.run_dir",
+    "train.collective_timeout_s", "train.watchdog",
     "wandb.", "data.prefetch_factor", "data.verify_checksums", "data.data_dir", "prepare.",
 )
 # Fields that may change on resume only when the user names them (`--allow-change`); each change is

@@ -7,6 +7,7 @@ value fails at start-up with a message naming the field, not hours into a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -28,7 +29,26 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _check_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"adapt.{name}={value!r} must be a number")
+    if not math.isfinite(value):
+        raise ConfigError(f"adapt.{name}={value!r} must be a finite number")
     return float(value)
+
+
+def check_finite(path: str, value: Any) -> None:
+    """Raise ConfigError naming `path` (e.g. optim.lr) if `value` holds a NaN or an infinity anywhere.
+
+    YAML `.nan`/`.inf`, JSON `NaN`/`Infinity` and overrides such as `optim.lr=.nan` parse as floats and
+    pass every range check (a comparison with NaN is always False), so they are refused here, once,
+    for every section.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}={value!r} must be a finite number")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            check_finite(f"{path}.{key}", item)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_finite(f"{path}[{index}]", item)
 
 
 @dataclass
@@ -119,7 +139,9 @@ def dataclass_from_dict(cls: type, values: Mapping[str, Any], section: str) -> A
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown key(s) in {section!r}: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    for key, value in values.items():
+        check_finite(f"{section}.{key}", value)
     return cls(**dict(values))
 
 
-__all__ = ["AdaptConfig", "ConfigError", "dataclass_from_dict", "SIGNALS", "NORMALIZE_MODES", "POLICIES", "field"]
+__all__ = ["AdaptConfig", "ConfigError", "dataclass_from_dict", "check_finite", "SIGNALS", "NORMALIZE_MODES", "POLICIES", "field"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -41,6 +42,11 @@ class TrainConfig:
     stop_at_step: end this invocation after that step, leaving the schedule untouched (time-boxed
         jobs and resume tests); null runs to `steps`.
     progress_bar: tqdm bar on rank 0.
+    collective_timeout_s: a collective that waits longer than this fails, and the watchdog ends the
+        job when a rank completes no step (or start-up, or a checkpoint save) for this long, naming
+        the stuck rank (docs/RELIABILITY.md). Minutes, not torch's half-hour default: a stopped rank
+        should not idle the whole job for long. Raise it when one step or one save can take longer.
+    watchdog: run the hang watchdog (see collective_timeout_s).
     """
 
     steps: int = 100
@@ -55,6 +61,8 @@ class TrainConfig:
     log_interval: int = 10
     stop_at_step: int | None = None
     progress_bar: bool = True
+    collective_timeout_s: float = 600.0
+    watchdog: bool = True
 
     def __post_init__(self) -> None:
         def integer(name: str, minimum: int, optional: bool = False) -> None:
@@ -78,8 +86,22 @@ class TrainConfig:
         integer("stop_at_step", 1, optional=True)
         if not isinstance(self.run_dir, str) or not self.run_dir:
             raise ConfigError(f"train.run_dir={self.run_dir!r} must be a non-empty path")
-        if not isinstance(self.progress_bar, bool):
-            raise ConfigError(f"train.progress_bar={self.progress_bar!r} must be true or false")
+        for name in ("progress_bar", "watchdog"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must be true or false")
+        timeout = self.collective_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or timeout <= 0:
+            raise ConfigError(f"train.collective_timeout_s={timeout!r} must be a finite number of seconds > 0")
+        self.collective_timeout_s = float(timeout)
+
+    def process_group_timeout_s(self) -> float:
+        """Timeout of the process groups' collectives. With the watchdog on it is a margin longer than
+        collective_timeout_s, so the watchdog (which names the stuck rank) acts first and a failing
+        collective is only the backstop."""
+        if not self.watchdog:
+            return self.collective_timeout_s
+        return self.collective_timeout_s + max(15.0, 0.1 * self.collective_timeout_s)
 
     def num_microbatches(self, dp: int) -> int:
         """Micro-batches per step on each data-parallel rank for a data-parallel size `dp`."""

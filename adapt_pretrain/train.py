@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from adapt_pretrain import watchdog
 from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, committed_checkpoints,
                                        consented_changes, has_checksums, load_rank_state, pin_checkpoint,
                                        prune_checkpoints, read_meta, rng_state, save_checkpoint, select_checkpoint,
@@ -147,7 +148,7 @@ class Trainer:
 
         self.cfg, self.env = cfg, env
         if setup:
-            self.info = setup_parallel(cfg.parallel, cfg.train.seed)
+            self.info = setup_parallel(cfg.parallel, cfg.train.seed, timeout_s=cfg.train.process_group_timeout_s())
         else:
             torch.manual_seed(cfg.train.seed)  # same initial weights as a fresh setup would give
             self.info = parallel_info()
@@ -482,6 +483,7 @@ class Trainer:
         try:
             while self.state.step < end:
                 loss, step_s, refresh_s = self.step_once()
+                watchdog.beat(self.state.step)
                 result.losses.append(loss)
                 result.step_times.append(step_s + refresh_s)
                 if refresh_s:
@@ -758,7 +760,9 @@ def main(argv: list[str] | None = None) -> int:
         if env.rank == 0:
             print(f"adapt-pretrain train (rank 0): {problem}", file=sys.stderr, flush=True)
         return EXIT_CHECKPOINT
-    init_distributed(env)
+    init_distributed(env, timeout_s=cfg.train.process_group_timeout_s())
+    if cfg.train.watchdog:
+        watchdog.install(env.rank, env.world_size, cfg.train.collective_timeout_s, env.master_addr, env.master_port)
     trainer = None
     try:
         trainer = Trainer(cfg, env, resume=args.resume, allow_change=allow_change, restart=args.restart_from_scratch)
@@ -783,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         teardown_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+        watchdog.uninstall()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ trainer all-reduces the pooled partial sums.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from typing import Any, Optional
@@ -16,6 +17,8 @@ from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, anchor_collate
 from adapt_pretrain.data.shardio import read_shard
 from adapt_pretrain.data.skips import SkipCounter
+
+log = logging.getLogger("adapt_pretrain.data")
 
 
 def load_anchor_docs(data_dir: str, strict: bool = True) -> list[StreamDoc]:
@@ -39,6 +42,10 @@ def anchor_batches(data_dir: str, seq_len: int, micro_batch_size: int, dp_rank: 
     dp_rank, dp_size = resolve_dp(dp_rank, dp_size)
     man = Manifest.load(data_dir)
     docs = load_anchor_docs(data_dir, strict)
+    if num_anchors is not None and num_anchors > len(docs) and dp_rank == 0:
+        log.warning("[adapt-pretrain] warning: %d anchors asked for (adapt.num_anchors) but %s holds only %d; using "
+                    "%d. Prepare more (prepare.num_anchors / --num-anchors) or set adapt.num_anchors=%d.",
+                    num_anchors, os.path.join(data_dir, "anchors.tar"), len(docs), len(docs), len(docs))
     if num_anchors is not None:
         docs = docs[:num_anchors]
     mine = docs[dp_rank::dp_size]

@@ -5,11 +5,13 @@ the field, not after an hour of tokenising or at the first training step.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from adapt_pretrain.config import ConfigError, dataclass_from_dict
+from adapt_pretrain.data.pieces import DEFAULT_MAX_CHARS
 
 MODES = ("infinite", "finite")
 FINITE_BALANCE = ("pad", "drop")
@@ -61,6 +63,10 @@ class PrepareConfig:
     shard_tokens: close a shard once it holds this many tokens (shards are the unit of parallelism).
     num_workers: tokenising processes. bm25: store a z-scored BM25-to-anchors score per document.
     strict: raise on the first bad input line instead of skipping and counting it.
+    drop_duplicates: drop documents whose text equals an earlier one's; by default they are counted
+        and kept, each in the split of its first copy (never in both train and validation).
+    max_piece_chars: texts longer than this are tokenised in pieces cut at word boundaries (same ids;
+        bounds memory: one encode call holds at most this many characters; see pieces.py).
     """
 
     inputs: list[str] = field(default_factory=list)
@@ -79,6 +85,8 @@ class PrepareConfig:
     bm25_k1: float = 1.2
     bm25_b: float = 0.75
     strict: bool = False
+    drop_duplicates: bool = False
+    max_piece_chars: int = DEFAULT_MAX_CHARS
     overwrite: bool = False
     progress: bool = True
     seed: int = 0
@@ -109,6 +117,10 @@ class PrepareConfig:
         _int(s, "shard_tokens", self.shard_tokens, 1)
         _int(s, "num_workers", self.num_workers, 1)
         _int(s, "chunk_docs", self.chunk_docs, 1)
+        _int(s, "max_piece_chars", self.max_piece_chars, 1024)
+        for name in ("bm25", "strict", "drop_duplicates", "overwrite", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{s}.{name}={getattr(self, name)!r} must be true or false")
         _int(s, "seed", self.seed, 0)
         if self.tokenizer_max_docs is not None:
             _int(s, "tokenizer_max_docs", self.tokenizer_max_docs, 1)
@@ -119,6 +131,10 @@ class PrepareConfig:
                 raise ConfigError(f"{s}.anchor_domains is empty; use None for every domain")
         if self.bm25 and self.num_anchors == 0:
             raise ConfigError(f"{s}.bm25 needs anchors: set num_anchors >= 1")
+        for name in ("bm25_k1", "bm25_b"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{s}.{name}={value!r} must be a finite number")
         if self.bm25_k1 < 0 or not 0.0 <= self.bm25_b <= 1.0:
             raise ConfigError(f"{s}.bm25_k1 must be >= 0 and bm25_b in [0, 1]")
 

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -24,26 +25,16 @@ from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.bm25 import BM25Scorer
 from adapt_pretrain.data.config import DataError, PrepareConfig
 from adapt_pretrain.data.manifest import FORMAT, Manifest, split_summary, write_manifest
+from adapt_pretrain.data.pieces import iter_pieces, split_text
 from adapt_pretrain.data.readers import RawDoc, iter_documents
+from adapt_pretrain.data.routing import DocumentRouter
 from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, sha256_file, token_dtype
 from adapt_pretrain.data.skips import SkipCounter
 from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
+from adapt_pretrain.data.workers import die_with_parent
 
 log = logging.getLogger("adapt_pretrain.data")
 OUR_FILES = ("manifest.json", "tokenizer.json", "anchors.tar", "train", "val")
-
-
-class SplitAssigner:
-    """Exactly `val_fraction` of each domain's documents (evenly spaced, in reading order) go to val."""
-
-    def __init__(self, val_fraction: float) -> None:
-        self.f = float(val_fraction)
-        self.seen: dict[str, int] = {}
-
-    def is_val(self, domain: str) -> bool:
-        i = self.seen.get(domain, 0)
-        self.seen[domain] = i + 1
-        return int((i + 1) * self.f) > int(i * self.f)
 
 
 # ---- tokenising worker processes -------------------------------------------------------------
@@ -56,14 +47,44 @@ def _init_worker(tok_path: str) -> None:
     _TOK = Tokenizer.from_file(tok_path)
 
 
-def _encode_chunk(args: tuple[list[str], str]) -> list[np.ndarray]:
-    texts, dtype = args
-    encs = _TOK.encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=dtype) for e in encs]
+def _init_pool_worker(tok_path: str, parent_pid: int) -> None:
+    die_with_parent(parent_pid)  # a killed `prepare` must not leave its tokenising processes behind
+    _init_worker(tok_path)
 
 
-def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
-    buf: list[RawDoc] = []
+def _encode_chunk(args: tuple[list[str], str, int]) -> list[tuple[np.ndarray, int, int]]:
+    """(token ids, pieces, hard cuts) of each text. Long texts are encoded in pieces and one encode
+    call never holds more than `max_chars` characters, which bounds the tokenizer's memory."""
+    texts, dtype, max_chars = args
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[str] = []
+    owners: list[int] = []
+
+    def flush() -> None:
+        for owner, enc in zip(owners, _TOK.encode_batch(batch, add_special_tokens=False)):
+            parts[owner].append(np.asarray(enc.ids, dtype=dtype))
+        batch.clear()
+        owners.clear()
+
+    stats = []
+    size = 0
+    for i, text in enumerate(texts):
+        pieces, hard = split_text(text, max_chars)
+        stats.append((len(pieces), hard))
+        for piece in pieces:
+            if batch and size + len(piece) > max_chars:
+                flush()
+                size = 0
+            batch.append(piece)
+            owners.append(i)
+            size += len(piece)
+    if batch:
+        flush()
+    return [(p[0] if len(p) == 1 else np.concatenate(p), n, hard) for p, (n, hard) in zip(parts, stats)]
+
+
+def _chunks(docs: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    buf: list[Any] = []
     for d in docs:
         buf.append(d)
         if len(buf) == size:
@@ -71,6 +92,27 @@ def _chunks(docs: Iterator[RawDoc], size: int) -> Iterator[list[RawDoc]]:
             buf = []
     if buf:
         yield buf
+
+
+class _Window:
+    """At most `size` chunks between reading and writing: `pool.imap` reads its input as fast as it
+    can, so without this a corpus read faster than it is tokenised would pile up in memory."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = threading.Semaphore(size)
+        self._closed = False
+
+    def admit(self) -> bool:
+        self._slots.acquire()
+        return not self._closed
+
+    def done(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        """Unblock the reader for good (on exit or error), so the pool can shut down."""
+        self._closed = True
+        self._slots.release(1 << 16)
 
 
 # ---- shard writing ---------------------------------------------------------------------------
@@ -146,18 +188,18 @@ def _prepare_out_dir(cfg: PrepareConfig) -> None:
 def _get_tokenizer(cfg: PrepareConfig) -> Any:
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    assigner = SplitAssigner(cfg.val_fraction)
+    router = DocumentRouter(cfg.val_fraction, cfg.drop_duplicates)  # the same decisions as the main pass
 
     def train_texts() -> Iterator[str]:
         for doc in iter_documents(cfg.inputs, SkipCounter(strict=cfg.strict)):
-            if not assigner.is_val(doc.domain):
+            if router.route(doc) == "train":
                 yield doc.text
 
     texts: Iterator[str] = train_texts()
     if cfg.tokenizer_max_docs:
         texts = (t for i, t in zip(range(cfg.tokenizer_max_docs), texts))
     log.info("training byte-level BPE (vocab %d)", cfg.vocab_size)
-    return train_bpe(texts, cfg.vocab_size, cfg.eos_token)
+    return train_bpe(iter_pieces(texts, cfg.max_piece_chars), cfg.vocab_size, cfg.eos_token)
 
 
 def prepare(cfg: PrepareConfig) -> str:
@@ -174,56 +216,73 @@ def prepare(cfg: PrepareConfig) -> str:
     dtype = token_dtype(vocab)
 
     skips = SkipCounter(strict=cfg.strict)
-    assigner = SplitAssigner(cfg.val_fraction)
+    router = DocumentRouter(cfg.val_fraction, cfg.drop_duplicates)
     writers = {s: SplitWriter(cfg.out_dir, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     anchor_pool: dict[str, list[tuple[int, np.ndarray, dict]]] = {}
     targets = set(cfg.anchor_domains) if cfg.anchor_domains else None
     df = np.zeros(vocab, dtype=np.int64) if cfg.bm25 else None
     num_docs = total_tokens = 0
+    long_docs = {"documents": 0, "pieces": 0, "hard_cuts": 0, "piece_chars": cfg.max_piece_chars}
 
-    chunks = _chunks(iter_documents(cfg.inputs, skips), cfg.chunk_docs)
+    routed = ((doc, split) for doc in iter_documents(cfg.inputs, skips) if (split := router.route(doc)) is not None)
+    chunks = _chunks(routed, cfg.chunk_docs)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     pool = None
     if cfg.num_workers > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = ctx.Pool(cfg.num_workers, initializer=_init_worker, initargs=(tok_path,))
+        pool = ctx.Pool(cfg.num_workers, initializer=_init_pool_worker, initargs=(tok_path, os.getpid()))
     else:
         _init_worker(tok_path)
-    # keep the chunk (texts) next to its encoding: imap preserves order
-    pending: list[list[RawDoc]] = []
+    # keep the chunk (documents + splits) next to its encoding: imap preserves order
+    pending: list[list[tuple[RawDoc, str]]] = []
+    window = _Window(2 * cfg.num_workers + 2)
 
-    def feed() -> Iterator[tuple[list[str], str]]:
+    def feed() -> Iterator[tuple[list[str], str, int]]:
         for ch in chunks:
+            if not window.admit():
+                return
             pending.append(ch)
-            yield [d.text for d in ch], dtype
+            yield [d.text for d, _ in ch], dtype, cfg.max_piece_chars
 
     results = pool.imap(_encode_chunk, feed(), chunksize=1) if pool else map(_encode_chunk, feed())
     bar = tqdm(desc="prepare: tokenising", unit="doc", disable=not cfg.progress, file=sys.stderr)
     try:
         for encoded in results:
             chunk = pending.pop(0)
-            for raw, toks in zip(chunk, encoded):
-                split = "val" if assigner.is_val(raw.domain) else "train"
+            for (raw, split), (toks, n_pieces, hard_cuts) in zip(chunk, encoded):
                 rec = {"domain": raw.domain, "source": raw.source}
                 doc_id = num_docs
                 writers[split].write(doc_id, toks, rec)
                 num_docs += 1
                 total_tokens += int(toks.size)
+                if n_pieces > 1:
+                    long_docs["documents"] += 1
+                    long_docs["pieces"] += n_pieces
+                    long_docs["hard_cuts"] += hard_cuts
                 if df is not None:
                     df[np.unique(toks)] += 1
                 if split == "val" and (targets is None or raw.domain in targets):
                     lst = anchor_pool.setdefault(raw.domain, [])
                     if len(lst) < cfg.num_anchors:
                         lst.append((doc_id, toks, rec))
+            window.done()
             bar.update(len(chunk))
             bar.set_postfix(tokens=total_tokens)
     finally:
         bar.close()
+        window.close()
         if pool:
             pool.close()
             pool.join()
     for w in writers.values():
         w.close()
+    if long_docs["hard_cuts"]:
+        log.warning("%d cut(s) inside %d long document(s) found no word boundary within %d characters; the ids at "
+                    "those cuts may differ from encoding the document in one piece", long_docs["hard_cuts"],
+                    long_docs["documents"], cfg.max_piece_chars)
+    if router.duplicates:
+        log.info("%d exact duplicate document(s) %s", router.duplicates,
+                 "dropped" if cfg.drop_duplicates else "kept, each in the split of its first copy")
     if num_docs == 0:
         raise DataError(f"no usable documents in {cfg.inputs}; skipped: {skips.as_dict()}")
 
@@ -266,8 +325,10 @@ def prepare(cfg: PrepareConfig) -> str:
             target_domains=sorted(targets or domains)),
         "bm25": bm25_info,
         "skipped": skips.as_dict(),
+        "duplicates": {"documents": router.duplicates, "dropped": router.duplicates if cfg.drop_duplicates else 0},
+        "long_documents": long_docs,
         "prepare": {"inputs": cfg.inputs, "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
-                    "vocab_size": cfg.vocab_size, "seed": cfg.seed, "seconds": round(time.time() - t0, 2),
+                    "vocab_size": cfg.vocab_size, "seed": cfg.seed, "drop_duplicates": cfg.drop_duplicates, "seconds": round(time.time() - t0, 2),
                     "seconds_tokenizer": round(t_tok - t0, 2), "seconds_shards": round(t_shards - t_tok, 2)},
     }
     path = write_manifest(cfg.out_dir, raw)
@@ -315,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     p.add_argument("--bm25", action="store_true", help="store a z-scored BM25-to-anchors score per document")
     p.add_argument("--strict", action="store_true", help="raise on the first bad input instead of skip+count")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="drop exact duplicate documents (default: count them and keep each in its first copy's split)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--verify", action="store_true", help="recount docs/tokens from the shards and compare")
@@ -333,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                             eos_token=args.eos_token, tokenizer_max_docs=args.tokenizer_max_docs,
                             val_fraction=args.val_fraction, anchor_domains=args.anchor_domains,
                             num_anchors=args.num_anchors, shard_tokens=args.shard_tokens, num_workers=args.workers,
-                            bm25=args.bm25, strict=args.strict, overwrite=args.overwrite,
+                            bm25=args.bm25, strict=args.strict, drop_duplicates=args.drop_duplicates,
+                            overwrite=args.overwrite,
                             progress=not args.no_progress)
         t0 = time.time()
         path = prepare(cfg)

@@ -1,7 +1,8 @@
 """Raw-document readers: JSONL / JSONL.gz (plain or SlimPajama shape) and plain-text folders.
 
 Lines are read as bytes and decoded strictly, so a non-UTF-8 document is counted (or raised in
-strict mode) instead of being replaced with U+FFFD behind our back. Sources are interleaved
+strict mode) instead of being replaced with U+FFFD behind our back; a damaged compressed file is
+counted likewise, keeping the documents before the damage. Sources are interleaved
 round-robin so every shard mixes domains even when each input file holds a single domain.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -41,39 +43,64 @@ def _domain_of(obj: dict, default: str) -> str:
     return dom if isinstance(dom, str) and dom else default
 
 
+# What a damaged compressed file raises while it is read: a truncated stream (EOFError), a file that
+# is not gzip at all or has garbage after a member (BadGzipFile, an OSError), corrupt deflate data
+# (zlib.error).
+DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error)
+
+
 def read_jsonl(path: str, skips: SkipCounter) -> Iterator[RawDoc]:
-    """Documents of one JSONL(.gz) file; a missing domain falls back to the file's stem."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """Documents of one JSONL(.gz) file; a missing domain falls back to the file's stem.
+
+    A damaged `.gz` (truncated, not gzip, corrupt) ends the file with one `damaged_compressed`
+    skip (DataError in strict mode); the complete lines before the damage are kept.
+    """
     default_domain = _stem(path)
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            key = f"line {lineno}"
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                skips.bad("non_utf8", path, key, str(exc))
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                skips.bad("invalid_json", path, key, str(exc))
-                continue
-            if not isinstance(obj, dict):
-                skips.bad("invalid_json", path, key, f"expected an object, got {type(obj).__name__}")
-                continue
-            text = obj.get("text")
-            if not isinstance(text, str):
-                skips.bad("missing_text", path, key, "no string field 'text'")
-                continue
-            if not text.strip():
-                skips.bad("empty_document", path, key, "text is empty")
-                continue
-            source = obj.get("source")
-            if not isinstance(source, str):
-                source = f"{os.path.basename(path)}:{lineno}"
-            yield RawDoc(text, _domain_of(obj, default_domain), source)
+    compressed = path.endswith(".gz")
+    lineno = 0
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                doc = _parse_line(raw, path, lineno, default_domain, skips)
+                if doc is not None:
+                    yield doc
+        except DECOMPRESSION_ERRORS as exc:
+            if not compressed:
+                raise  # a plain file that cannot be read: an I/O problem, not damaged input
+            skips.bad("damaged_compressed", path, f"after line {lineno}",
+                      f"{type(exc).__name__}: {exc} (the {lineno} line(s) before the damage are kept; the rest "
+                      "of the file is skipped)")
+
+
+def _parse_line(raw: bytes, path: str, lineno: int, default_domain: str, skips: SkipCounter) -> Optional[RawDoc]:
+    """One JSONL line -> RawDoc, or None after counting (or raising on) what is wrong with it."""
+    key = f"line {lineno}"
+    if not raw.strip():
+        return None
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        skips.bad("non_utf8", path, key, str(exc))
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        skips.bad("invalid_json", path, key, str(exc))
+        return None
+    if not isinstance(obj, dict):
+        skips.bad("invalid_json", path, key, f"expected an object, got {type(obj).__name__}")
+        return None
+    text = obj.get("text")
+    if not isinstance(text, str):
+        skips.bad("missing_text", path, key, "no string field 'text'")
+        return None
+    if not text.strip():
+        skips.bad("empty_document", path, key, "text is empty")
+        return None
+    source = obj.get("source")
+    if not isinstance(source, str):
+        source = f"{os.path.basename(path)}:{lineno}"
+    return RawDoc(text, _domain_of(obj, default_domain), source)
 
 
 def read_text_folder(path: str, skips: SkipCounter) -> Iterator[RawDoc]:

@@ -20,6 +20,7 @@ KINDS = (
     "missing_text",       # prepare: no string `text` field
     "empty_document",     # prepare: empty or whitespace-only text
     "non_utf8",           # prepare: bytes that are not UTF-8
+    "damaged_compressed", # prepare: a .gz input truncated, not gzip, or corrupt (lines before the damage kept)
     "shard_missing",      # loader: a shard listed in the manifest cannot be opened
     "shard_corrupt",      # loader: tar truncated or unreadable (samples before the damage are kept)
     "checksum_mismatch",  # loader: shard bytes differ from the manifest's sha256

@@ -5,6 +5,7 @@ shard schedule (plan.py), packs documents (packing.py) and tags every micro-batc
 cursor (shard position, document position, token offset) and its skip counts; the main process
 strips those tags, keeps the cursor of the last consumed micro-batch of every worker, and that is
 the whole resume state. Micro-batch i of a rank always comes from worker i % num_workers.
+Workers die with their rank (workers.py), also when the rank is killed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, as_torch, collate, pack_windows
 from adapt_pretrain.data.shardio import read_shard
 from adapt_pretrain.data.skips import KINDS, SkipCounter, add_counts
+from adapt_pretrain.data.workers import die_with_parent_init
 
 log = logging.getLogger("adapt_pretrain.data")
 STATE_VERSION = 1
@@ -202,7 +204,8 @@ class DataStream:
         loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers,
                             multiprocessing_context=method if cfg.num_workers else None,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
-                            persistent_workers=False, collate_fn=_identity)
+                            persistent_workers=False, collate_fn=_identity,
+                            worker_init_fn=die_with_parent_init() if cfg.num_workers else None)
         for batch in loader:
             w = batch.pop("_worker")
             if w != self.consumed % self.W:  # would break resume: fail loudly rather than drift

@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Seconds a collective may wait before it fails: minutes, not torch's 30-minute default, so a stopped
+# or dead rank ends the job soon (the trainer takes it from train.collective_timeout_s).
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -99,11 +103,12 @@ def configure_threads(env: DistEnv) -> int:
     return threads
 
 
-def init_distributed(env: DistEnv, timeout_s: float = 1800.0) -> str:
+def init_distributed(env: DistEnv, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> str:
     """Initialise torch.distributed if the launcher started several processes; return the backend.
 
     Also initialises a 1-process gloo group for a plain run, because the parallel-state code and the
-    collectives in the trainer are then the same in every mode.
+    collectives in the trainer are then the same in every mode. `timeout_s` bounds every collective
+    of the default group (and the rendezvous).
     """
     import torch.distributed as dist
 
@@ -129,4 +134,5 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-__all__ = ["DistEnv", "strip_local_rank", "read_dist_env", "configure_threads", "init_distributed"]
+__all__ = ["DistEnv", "strip_local_rank", "read_dist_env", "configure_threads", "init_distributed",
+           "DEFAULT_COLLECTIVE_TIMEOUT_S"]

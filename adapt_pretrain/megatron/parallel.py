@@ -6,12 +6,14 @@ path runs everywhere), the CPU compatibility layer, megatron's parallel_state, a
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from adapt_pretrain.deepspeed.launcher import DEFAULT_COLLECTIVE_TIMEOUT_S
 from adapt_pretrain.megatron import cpu_compat
 from adapt_pretrain.megatron.config import ParallelConfig
 
@@ -40,7 +42,7 @@ class ParallelInfo:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
-def _init_process_group() -> bool:
+def _init_process_group(timeout_s: float) -> bool:
     """Initialise torch.distributed from env (torchrun/deepspeed launcher) or as one process.
 
     Returns True when this call created the group (so teardown may destroy it)."""
@@ -53,15 +55,19 @@ def _init_process_group() -> bool:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29512")
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
 _OWNS_GROUP = False
 
 
-def setup_parallel(parallel: ParallelConfig, seed: int) -> ParallelInfo:
+def setup_parallel(parallel: ParallelConfig, seed: int,
+                   timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> ParallelInfo:
     """Initialise distributed + megatron parallel_state for `parallel`; seed all RNGs.
+
+    `timeout_s` bounds every collective of megatron's groups (and of the default group if this call
+    creates it): a stopped rank fails the job in minutes, not megatron's default half hour.
 
     Seeding: torch's CPU generator gets `seed` on every rank (megatron's CPU initialisation then
     gives identical full weights on every TP rank before sharding); on GPU megatron's tracker gets
@@ -70,7 +76,7 @@ def setup_parallel(parallel: ParallelConfig, seed: int) -> ParallelInfo:
     global _OWNS_GROUP
     from megatron.core import parallel_state as ps
 
-    _OWNS_GROUP = _init_process_group() or _OWNS_GROUP
+    _OWNS_GROUP = _init_process_group(timeout_s) or _OWNS_GROUP
     compat = cpu_compat.activate()
     world = dist.get_world_size()
     parallel.resolve(world)
@@ -82,6 +88,7 @@ def setup_parallel(parallel: ParallelConfig, seed: int) -> ParallelInfo:
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        distributed_timeout_minutes=timeout_s / 60.0,
     )
     torch.manual_seed(seed)
     if not compat:

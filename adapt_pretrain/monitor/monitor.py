@@ -4,7 +4,9 @@ Why both: W&B is where users look, but it may be offline, missing or broken on a
 local JSON-lines file is the ground truth that `adapt-pretrain report` plots and that tests compare
 W&B against. Only rank 0 does any I/O; other ranks get a no-op object so the trainer can call it
 unconditionally. A W&B failure (import, init, log, finish) warns once, turns the mirror off and
-never stops training.
+never stops training; an online start that fails (no network, server down) falls back to an offline
+run that `wandb sync` uploads later. One run directory is one W&B run: its id is kept in the run
+directory, so a resumed training run continues the same W&B run.
 
 metrics.jsonl lines (append mode, so a resumed run continues the file; readers keep the last line
 per step):
@@ -22,6 +24,8 @@ import json
 import math
 import os
 import queue
+import secrets
+import string
 import sys
 import threading
 import time
@@ -44,15 +48,22 @@ _STDOUT_KEYS = (  # (key, short label, format) for the one-line console summary
 )
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+RUN_ID_FILE = "wandb_run_id"  # in the run directory: one training run (with its resumes) is one W&B run
+
+
 @dataclass
 class WandbConfig:
-    """W&B mirror settings.
+    """W&B mirror settings (validated at construction: a bad value names its field).
 
     mode: "online" | "offline" | "disabled"; None resolves to $WANDB_MODE if set, else "online"
     when $WANDB_API_KEY is set, else "offline" (sync later with `wandb sync <run_dir>/wandb/offline-run-*`).
     histogram_interval / table_interval: cadence the trainer should follow for the expensive parts
     (see `Monitor.histogram_due` / `table_due`); 0 turns them off.
     dir: where W&B writes its `wandb/` folder; None means the run directory.
+    init_timeout: seconds W&B may take to start a run (wandb adds ~10 s when it looks up a run to
+        resume); an online start that fails or times out falls back to an offline run when
+        offline_fallback is on (upload it later with `wandb sync`), else turns the mirror off.
     background: hand W&B calls to one worker thread (in order) so `wandb.log` (~2 ms for ~50 keys)
         does not block the training step; `close()` drains it.
     """
@@ -67,8 +78,39 @@ class WandbConfig:
     histogram_interval: int = 10
     table_interval: int = 100
     dir: str | None = None
-    init_timeout: float = 60.0
+    init_timeout: float = 30.0
     background: bool = True
+    offline_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        from adapt_pretrain.config import ConfigError
+
+        def fail(name: str, rule: str) -> None:
+            raise ConfigError(f"wandb.{name}={getattr(self, name)!r} {rule}")
+
+        for name in ("enabled", "background", "offline_fallback"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+        if not isinstance(self.project, str) or not self.project:
+            fail("project", "must be a non-empty string")
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            fail("mode", f"is invalid; choose one of {', '.join(WANDB_MODES)} (or leave it unset)")
+        for name in ("entity", "name", "group", "dir"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, "must be a string (or unset)")
+        tags = [self.tags] if isinstance(self.tags, str) else self.tags
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+            fail("tags", "must be a list of strings")
+        self.tags = tuple(tags)
+        for name in ("histogram_interval", "table_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(name, "must be an integer >= 0 (0 turns it off)")
+        timeout = self.init_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+                or timeout <= 0:
+            fail("init_timeout", "must be a finite number of seconds > 0")
+        self.init_timeout = float(timeout)
 
     def resolved_mode(self) -> str:
         if not self.enabled:
@@ -134,6 +176,7 @@ class Monitor:
         self._file = None
         self._run: Any = None
         self._wandb: Any = None
+        self._mode = "disabled"  # the W&B mode actually running (offline after a failed online start)
         self._warned = False
         self._closed = False
         self._curriculum: dict[str, list[tuple[int, float]]] = {}
@@ -255,14 +298,14 @@ class Monitor:
         meta = {
             "config": self.config,
             "wandb": {
-                "mode": self.wandb_config.resolved_mode() if run is not None else "disabled",
+                "mode": self._mode if run is not None else "disabled",
                 "project": self.wandb_config.project,
                 "run_id": getattr(run, "id", None),
                 "run_dir": getattr(getattr(run, "settings", None), "sync_dir", None) if run is not None else None,
             },
         }
         if meta["wandb"]["mode"] == "offline" and meta["wandb"]["run_dir"]:
-            meta["wandb"]["sync_command"] = f"wandb sync {meta['wandb']['run_dir']}"
+            meta["wandb"]["sync_command"] = self._sync_command()
         with open(os.path.join(self.run_dir, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1)
 
@@ -316,16 +359,70 @@ class Monitor:
             self._warn("import", exc)
             return
         self._wandb = wandb
+        run_id, resuming = self._run_id()
+        t0 = time.monotonic()
+        try:
+            self._run = self._start_run(mode, run_id, resuming)
+            self._mode = mode
+            return
+        except Exception as exc:  # noqa: BLE001 - W&B must never stop training
+            if mode != "online" or not cfg.offline_fallback:
+                self._warn("init", exc)
+                return
+            failure, waited = exc, time.monotonic() - t0
+        try:
+            wandb.teardown()  # the failed online attempt still holds the run id inside W&B's service
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            self._run = self._start_run("offline", run_id, resuming)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("init", exc)
+            return
+        self._mode = "offline"
+        msg = (f"adapt-pretrain monitor: W&B online start failed after {waited:.0f} s "
+               f"({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}); "
+               f"logging to an OFFLINE W&B run instead. Upload it later with: {self._sync_command()}")
+        print(msg, file=sys.stderr, flush=True)
+        self._write({"step": None, "time": time.time(), "event": "wandb_offline_fallback",
+                     "fields": {"error": f"{type(failure).__name__}: {failure}", "waited_s": round(waited, 1),
+                                "sync_command": self._sync_command()}})
 
-        def init() -> Any:
-            return wandb.init(
-                project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
-                tags=list(cfg.tags) or None, mode=mode, dir=cfg.dir or self.run_dir,
-                config=self.config, reinit="finish_previous",
-                settings=wandb.Settings(init_timeout=cfg.init_timeout),
-            )
+    def _run_id(self) -> tuple[str, bool]:
+        """(W&B run id, whether it continues an earlier start of this run directory).
 
-        self._run = self._guard(init, "init")
+        The id is chosen here and kept in RUN_DIR/wandb_run_id, so every resume of the training run
+        logs into the same W&B run (resume="allow"), and an offline fallback run can be synced into it.
+        """
+        path = os.path.join(self.run_dir, RUN_ID_FILE)
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                run_id = fh.read().strip()
+            if run_id:
+                return run_id, True
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(run_id + "\n")
+        return run_id, False
+
+    def _start_run(self, mode: str, run_id: str, resuming: bool) -> Any:
+        cfg, wandb = self.wandb_config, self._wandb
+        return wandb.init(
+            project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
+            tags=list(cfg.tags) or None, mode=mode, dir=cfg.dir or self.run_dir,
+            config=self.config, reinit="finish_previous", id=run_id,
+            resume="allow" if resuming else None, allow_val_change=resuming or None,
+            settings=wandb.Settings(init_timeout=cfg.init_timeout),
+        )
+
+    def _sync_command(self) -> str:
+        """`wandb sync` for every offline start of this run, in start order, into one W&B run."""
+        run = self._run
+        run_id = getattr(run, "id", None) or "ID"
+        sync_dir = getattr(getattr(run, "settings", None), "sync_dir", None)
+        wandb_dir = os.path.dirname(sync_dir) if sync_dir else os.path.join(self.wandb_config.dir or self.run_dir,
+                                                                              "wandb")
+        return f"wandb sync --id {run_id} {wandb_dir}/offline-run-*-{run_id}"
 
     def _wandb_log(self, step: int, scalars: dict[str, float], hists: dict[str, dict[str, list[float]]],
                    tables: dict[str, list[dict[str, Any]]] | None) -> None:

@@ -98,6 +98,8 @@ def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12,
         if ev.get("event") == "wandb_disabled":
             check.mismatches.append(f"W&B was disabled during the run: {ev.get('fields')}")
             continue
+        if ev.get("step") is None:
+            continue  # the monitor's own note from before the first step (e.g. an offline fallback): local only
         row = run.history.get(ev["step"], {})
         for name, value in ev.get("fields", {}).items():
             if isinstance(value, (int, float, bool)):
