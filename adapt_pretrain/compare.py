@@ -2,16 +2,19 @@
 
 Flow: prepare the corpus once (with BM25 scores); build the offline methods' data (top-k subsets,
 static mix; the embedding top-k trains and scores a short proxy run first); train each run as a
-subprocess; evaluate it on the held-out sets; cache `result.json` per run dir; write the tables
-and plots. Interrupt it at any point and run the same command again: finished runs are skipped,
-an unfinished one resumes from its last checkpoint, and the report covers whatever is finished.
+subprocess (`--jobs N` at a time); evaluate it on the held-out sets; cache `result.json` per run
+dir; write the tables and plots. Interrupt it at any point and run the same command again:
+finished runs are skipped, an unfinished one resumes from its last checkpoint, and the report
+covers whatever is finished. The log is plain lines (one per event), fit for a file or a pipe.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Optional
 
 from adapt_pretrain.config import ConfigError
@@ -20,9 +23,16 @@ from adapt_pretrain.methods.costs import ScoringWork, run_flops
 from adapt_pretrain.methods.plan import CompareConfig, RunSpec, load_compare_config, plan_runs, run_config
 from adapt_pretrain.methods.presets import get_preset
 
+_LOG_LOCK = threading.Lock()
+_EVAL_LOCK = threading.Lock()  # evaluation runs in this process: one model and process group at a time
+
 
 def log(msg: str) -> None:
-    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """One status line, written whole (concurrent jobs never glue lines together)."""
+    line = f"[compare {time.strftime('%H:%M:%S')}] {msg}\n"
+    with _LOG_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def ensure_data(cfg: CompareConfig) -> str:
@@ -32,8 +42,15 @@ def ensure_data(cfg: CompareConfig) -> str:
 
     if os.path.isfile(os.path.join(cfg.data_dir, "manifest.json")):
         return cfg.data_dir
-    log(f"preparing {cfg.prepare.get('inputs')} -> {cfg.data_dir}")
-    prepare(PrepareConfig(**{**cfg.prepare, "out_dir": cfg.data_dir, "bm25": True, "overwrite": True}))
+    inputs = cfg.prepare.get("inputs") or []
+    missing = [p for p in inputs if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"corpus not found: {', '.join(missing)} (relative paths are taken from the current "
+                          "directory); pass --corpus PATH, e.g. --corpus ../shared/corpora from the repository root "
+                          "of a development machine")
+    log(f"preparing {len(inputs)} input(s) -> {cfg.data_dir}")
+    prepare(PrepareConfig(**{"progress": sys.stderr.isatty(), **cfg.prepare, "out_dir": cfg.data_dir, "bm25": True,
+                             "overwrite": True}))
     return cfg.data_dir
 
 
@@ -95,7 +112,7 @@ def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
             R.run_logged(R.train_command(proxy), os.path.join(proxy.run_dir, "train.log"), env)
             R.run_logged([sys.executable, "-m", "adapt_pretrain.methods.offline", "--run", proxy.run_dir,
                           "--data", cfg.data_dir, "--num-anchors", str(num_anchors), "--out", scores_path,
-                          *(["--prefix", str(cfg.selection.embed_prefix)] if cfg.selection.embed_prefix else [])],
+                          "--no-progress", *(["--prefix", str(cfg.selection.embed_prefix)] if cfg.selection.embed_prefix else [])],
                          os.path.join(proxy.run_dir, "score.log"), env)
             R.write_json(os.path.join(proxy.run_dir, "done.json"), proxy.fingerprint)
         scored = R.read_json(scores_path)
@@ -106,27 +123,16 @@ def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
 
 
 def evaluate_here(run_dir: str, cfg: CompareConfig) -> dict[str, Any]:
-    """Evaluate a run in this process (saves a megatron import per run), then release the 1-rank
-    process group so the next training subprocess can open its own on the default port."""
-    import socket
-
+    """Evaluate a run in this process (saves a megatron import per run), one at a time; the 1-rank
+    process group it opens (on a free port) is closed again before the next one."""
     from adapt_pretrain.evaluate import evaluate_run
     from adapt_pretrain.megatron.parallel import teardown_parallel
 
-    with socket.socket() as sock:  # a free port for our group, distinct from the children's default
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    before = set(os.environ)
-    os.environ.update({k: v for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items()
-                       if k not in os.environ})
-    eval_cfg = cfg.eval or {}
-    try:
-        return evaluate_run(run_dir, cfg.data_dir, [str(p) for p in eval_cfg.get("extra", [])], None,
-                            int(eval_cfg.get("max_tokens", 32768)), progress=False)
-    finally:
-        teardown_parallel()
-        for key in set(os.environ) - before:  # what setup_parallel and we added
-            os.environ.pop(key, None)
+    with _EVAL_LOCK:
+        try:
+            return evaluate_run(run_dir, cfg.data_dir, cfg.eval_extra, None, cfg.eval_settings, progress=False)
+        finally:
+            teardown_parallel()
 
 
 def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str, str]) -> dict[str, Any]:
@@ -136,9 +142,8 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
     train_s = time.time() - t0
     t1 = time.time()
-    R.write_json(os.path.join(spec.run_dir, "eval.json"), evaluate_here(spec.run_dir, cfg))
-    eval_s = time.time() - t1
-    return finish(spec, work, train_s, eval_s, resumable, eval_key(cfg))
+    evaluation = evaluate_here(spec.run_dir, cfg)
+    return finish(spec, work, evaluation, train_s, time.time() - t1, resumable, eval_key(cfg))
 
 
 def eval_key(cfg: CompareConfig) -> str:
@@ -155,15 +160,14 @@ def eval_key(cfg: CompareConfig) -> str:
 def reevaluate(spec: RunSpec, cfg: CompareConfig, old: dict[str, Any]) -> dict[str, Any]:
     """Evaluate a finished run again (eval settings or code changed); training is not repeated."""
     t1 = time.time()
-    R.write_json(os.path.join(spec.run_dir, "eval.json"), evaluate_here(spec.run_dir, cfg))
-    result = {**old, "eval": R.read_json(os.path.join(spec.run_dir, "eval.json")),
-              "eval_seconds": round(time.time() - t1, 1), "eval_key": eval_key(cfg),
-              **R.metrics_summary(spec.run_dir)}
+    result = {**old, "eval": evaluate_here(spec.run_dir, cfg), "eval_seconds": round(time.time() - t1, 1),
+              "eval_key": eval_key(cfg), **R.metrics_summary(spec.run_dir)}
     R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
     return result
 
 
-def finish(spec: RunSpec, work: ScoringWork, train_s: float, eval_s: float, resumable: bool, key: str) -> dict[str, Any]:
+def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], train_s: float, eval_s: float,
+           resumable: bool, key: str) -> dict[str, Any]:
     """Cost the run and cache its result.json (written last: its presence marks a finished run)."""
     from adapt_pretrain.flops import ModelShape
     from adapt_pretrain.run_config import RunConfig
@@ -176,8 +180,8 @@ def finish(spec: RunSpec, work: ScoringWork, train_s: float, eval_s: float, resu
                       rc.adapt.refresh_interval, work)
     result = {"method": spec.method, "seed": spec.seed, "fingerprint": spec.fingerprint, "run_dir": spec.run_dir,
               "data_dir": spec.data_dir, "tokens": steps * per_step, "steps": steps, "flops": flops.as_dict(),
-              "eval": R.read_json(os.path.join(spec.run_dir, "eval.json")), "train_seconds": round(train_s, 1),
-              "eval_seconds": round(eval_s, 1), "resumed": resumable, "eval_key": key, **summary}
+              "eval": evaluation, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+              "resumed": resumable, "eval_key": key, **summary}
     R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
     return result
 
@@ -233,12 +237,18 @@ def data_table(cfg: CompareConfig, budget: int) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adapt-pretrain compare", description=__doc__.split("\n")[0])
     p.add_argument("--config", "-c", required=True, help="comparison YAML (e.g. launch/configs/compare-cpu.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the config, e.g. run.train.steps=100 eval.max_tokens=4096")
+    p.add_argument("--corpus", nargs="+", default=None,
+                   help="corpus files/folders (replaces prepare.inputs; `demo` = the bundled corpus)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (space or comma separated)")
     p.add_argument("--seeds", nargs="*", default=None, help="seeds (space or comma separated)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
     p.add_argument("--report", default=None, help="markdown file to write/update (default: OUT_DIR/results.md)")
     p.add_argument("--plots-dir", default=None, help="PNG folder (default: next to the report, results/)")
-    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training process")
+    p.add_argument("--jobs", "-j", type=int, default=1, help="runs trained at the same time (default 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of each training process (default: CPU cores / jobs when jobs > 1)")
     p.add_argument("--status", action="store_true", help="print which runs are finished and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     return p
@@ -248,24 +258,64 @@ def _split(values: Optional[list[str]]) -> Optional[list[str]]:
     return None if not values else [v for item in values for v in item.split(",") if v]
 
 
+def job_threads(jobs: int, threads: Optional[int]) -> Optional[int]:
+    """Threads per training process: as asked, else an even split of the cores when several run at
+    once (unless OMP_NUM_THREADS is set already), else the trainer's own choice."""
+    if threads:
+        return threads
+    if jobs > 1 and not os.environ.get("OMP_NUM_THREADS"):
+        return max(1, (os.cpu_count() or 1) // jobs)
+    return None
+
+
+def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dict[str, str], jobs: int) -> list[RunSpec]:
+    """Train and evaluate `todo`, `jobs` at a time; one line per start and per end. Returns the failed runs."""
+    failures: list[RunSpec] = []
+    done = 0
+
+    def one(spec: RunSpec) -> dict[str, Any]:
+        log(f"start {spec.method} seed {spec.seed}")
+        return execute(spec, cfg, work, env)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(one, spec): (spec, time.time()) for spec in todo}
+        for fut in as_completed(futures):
+            spec, t = futures[fut]
+            done += 1
+            try:
+                res = fut.result()
+            except (RuntimeError, ValueError, OSError) as exc:  # one failed run must not lose the others
+                failures.append(spec)
+                log(f"[{done}/{len(todo)}] FAILED {spec.method} seed {spec.seed}: {exc}")
+                continue
+            avg = res["eval"]["averages"]
+            log(f"[{done}/{len(todo)}] {spec.method} seed {spec.seed}: seen {avg.get('seen', {}).get('loss', float('nan')):.4f} "
+                f"unseen {avg.get('unseen', {}).get('loss', float('nan')):.4f} (train {res['train_seconds']:.0f}s, "
+                f"eval {res['eval_seconds']:.0f}s, {time.time() - t:.0f}s since queued)")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs} must be >= 1")
         seeds = _split(args.seeds)
         cfg = load_compare_config(args.config, _split(args.methods), [int(s) for s in seeds] if seeds else None,
-                                  args.out_dir)
+                                  args.out_dir, args.corpus, tuple(args.overrides))
     except (ConfigError, ValueError, TypeError, OSError) as exc:
         print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
         return 2
     report = args.report or os.path.join(cfg.out_dir, "results.md")
     plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(report)), "results")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    env = R.subprocess_env(args.threads)
+    env = R.subprocess_env(job_threads(args.jobs, args.threads))
     t0 = time.time()
-    ensure_data(cfg)
     specs = plan_runs(cfg)
     try:
-        validate(cfg, specs)
+        if not (args.status or args.report_only):
+            ensure_data(cfg)
+            validate(cfg, specs)
     except ConfigError as exc:
         print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
         return 2
@@ -278,28 +328,18 @@ def main(argv: list[str] | None = None) -> int:
         for s in specs:
             print(f"  {'done' if R.cached_result(s) else 'todo'}  {s.method:<11} seed {s.seed}  {s.run_dir}")
         return 0
-    failures = []
-    if not args.report_only and stale_eval:
-        from tqdm import tqdm
-
-        for spec in tqdm(stale_eval, desc="re-evaluating", unit="run"):
+    failures: list[RunSpec] = []
+    if not args.report_only:
+        for i, spec in enumerate(stale_eval, 1):
             reevaluate(spec, cfg, R.cached_result(spec))
-    if not args.report_only and todo:
-        from tqdm import tqdm
-
-        work = ensure_variants(cfg, env)
-        R.write_json(os.path.join(cfg.out_dir, "scoring_work.json"), work.__dict__)
-        for spec in tqdm(todo, desc="compare runs", unit="run"):
-            t = time.time()
-            try:
-                res = execute(spec, cfg, work, env)
-            except RuntimeError as exc:  # one failed run must not lose the others
-                failures.append(spec)
-                log(f"FAILED {spec.method} seed {spec.seed}: {exc}")
-                continue
-            avg = res["eval"]["averages"]
-            log(f"{spec.method} seed {spec.seed}: seen {avg.get('seen', {}).get('loss', float('nan')):.4f} "
-                f"unseen {avg.get('unseen', {}).get('loss', float('nan')):.4f} ({time.time() - t:.0f}s)")
+            log(f"re-evaluated {i}/{len(stale_eval)}: {spec.method} seed {spec.seed}")
+        if todo:
+            work = ensure_variants(cfg, env)
+            R.write_json(os.path.join(cfg.out_dir, "scoring_work.json"), work.__dict__)
+            failures = run_all(todo, cfg, work, env, args.jobs)
+    if not any(R.cached_result(s) for s in specs):
+        log("no finished runs: no report")
+        return 1 if failures else 0
     paths = write_report(cfg, specs, report, plots_dir)
     log(f"report {report}, plots {', '.join(paths)}; total {time.time() - t0:.0f}s")
     if failures:

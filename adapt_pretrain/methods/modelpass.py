@@ -64,24 +64,22 @@ def load_run_model(run_dir: str) -> LoadedModel:
     return LoadedModel(gpt, model_cfg.seq_len, config, int(meta.get("step", 0)), HiddenCapture(gpt))
 
 
-def pack_windows(docs: Sequence[np.ndarray], eos_id: int, seq_len: int, max_tokens: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Documents (each + EOS) concatenated and cut into [n, seq_len + 1] windows, plus a label mask.
-
-    The last window is padded (mask 0) rather than dropped, so a small domain still counts; at most
-    `max_tokens` labels are evaluated (documents taken in the given order).
+def pack_windows(stream: np.ndarray, labels: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A token stream cut into [n, seq_len + 1] windows overlapping by one token (as training packs
+    them: every label predicted once) and their [n, seq_len] label mask (`labels[j]` is the mask of
+    stream[j + 1]). The last window is padded (mask 0) rather than dropped, so a small domain counts.
     """
-    stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), eos_id) for d in docs]) if docs else np.zeros(0, np.int64)
-    if max_tokens is not None:
-        stream = stream[: max_tokens + 1]
     n_labels = max(len(stream) - 1, 0)
+    if len(labels) != n_labels:
+        raise ValueError(f"{len(labels)} label flags for a stream of {len(stream)} tokens (expected {n_labels})")
     n = max(1, -(-n_labels // seq_len))
-    windows = np.full((n, seq_len + 1), eos_id, dtype=np.int64)
+    windows = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
     mask = np.zeros((n, seq_len), dtype=np.float32)
     for i in range(n):
         part = stream[i * seq_len: i * seq_len + seq_len + 1]
         windows[i, : len(part)] = part
-        mask[i, : max(len(part) - 1, 0)] = 1.0
+        flags = labels[i * seq_len: i * seq_len + seq_len]
+        mask[i, : len(flags)] = flags
     return windows, mask
 
 
