@@ -141,9 +141,8 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     t0 = time.time()
     R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
     train_s = time.time() - t0
-    t1 = time.time()
     evaluation = evaluate_here(spec.run_dir, cfg)
-    return finish(spec, work, evaluation, train_s, time.time() - t1, resumable, eval_key(cfg))
+    return finish(spec, work, evaluation, train_s, evaluation["seconds"], resumable, eval_key(cfg))
 
 
 def eval_key(cfg: CompareConfig) -> str:
@@ -159,9 +158,9 @@ def eval_key(cfg: CompareConfig) -> str:
 
 def reevaluate(spec: RunSpec, cfg: CompareConfig, old: dict[str, Any]) -> dict[str, Any]:
     """Evaluate a finished run again (eval settings or code changed); training is not repeated."""
-    t1 = time.time()
-    result = {**old, "eval": evaluate_here(spec.run_dir, cfg), "eval_seconds": round(time.time() - t1, 1),
-              "eval_key": eval_key(cfg), **R.metrics_summary(spec.run_dir)}
+    evaluation = evaluate_here(spec.run_dir, cfg)
+    result = {**old, "eval": evaluation, "eval_seconds": evaluation["seconds"], "eval_key": eval_key(cfg),
+              **R.metrics_summary(spec.run_dir)}
     R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
     return result
 
@@ -186,16 +185,50 @@ def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], train_s
     return result
 
 
+def estimate(cfg: CompareConfig, specs: list[RunSpec], todo: list[RunSpec], tflops: float) -> list[str]:
+    """Size of the plan in the harness's FLOPs accounting: tokens, passes and training FLOPs per run,
+    and the training time of all runs (and of those still to do) at `tflops` TFLOP/s."""
+    from adapt_pretrain.data.manifest import Manifest
+    from adapt_pretrain.flops import ModelShape, matmul_params, training_flops
+    from adapt_pretrain.run_config import RunConfig
+
+    full = int(Manifest.load(cfg.data_dir).raw["splits"]["train"]["tokens"])
+    lines, flops_of = [], {}
+    for spec in specs:
+        raw = {**spec.config, "data": {**spec.config["data"], "data_dir": cfg.data_dir}}  # variants may not exist yet
+        rc = RunConfig.from_dict(raw)
+        steps, per_step = _tokens_per_step(raw)
+        shape = ModelShape.from_model_config(rc.model)
+        flops_of[spec.run_dir] = training_flops(shape, steps * per_step)
+        if not lines:
+            lines.append(f"model: {matmul_params(shape):,} matmul parameters (output layer included), "
+                         f"{rc.model.vocab_size * rc.model.hidden_size:,} in the token embedding; "
+                         f"training split: {full:,} tokens")
+        if spec.seed == specs[0].seed:  # one line per method
+            variant = get_preset(spec.method).data_variant
+            data_tokens = full * (cfg.selection.fraction if variant and variant.startswith("topk-") else 1.0)
+            lines.append(f"{spec.method}: {steps} steps x {per_step:,} tokens = {steps * per_step:,} tokens "
+                         f"({steps * per_step / data_tokens:.1f} passes over its training data), "
+                         f"{flops_of[spec.run_dir]:.3g} training FLOPs per run")
+    total, rest = sum(flops_of.values()), sum(flops_of[s.run_dir] for s in todo)
+    lines.append(f"all {len(specs)} runs: {total:.3g} training FLOPs = {total / (tflops * 1e12):.0f} s at {tflops:g} TFLOP/s "
+                 f"({len(todo)} to do: {rest / (tflops * 1e12):.0f} s), not counting start-up, scoring and evaluation")
+    return lines
+
+
 def write_report(cfg: CompareConfig, specs: list[RunSpec], report: str, plots_dir: str) -> list[str]:
     from adapt_pretrain.methods.report import aggregate, markdown_tables, plot_all, update_marked_block
 
     results = [r for r in (R.cached_result(s) for s in specs) if r is not None]
     agg = aggregate(results)
     curves: dict[str, list] = {}
+    weights: dict[str, dict] = {}
     for s in specs:
         if R.cached_result(s) is not None:
             curves.setdefault(s.method, []).append(R.loss_curve(s.run_dir))
-    paths = plot_all(agg, cfg.methods, curves, plots_dir)
+            if s.method not in weights and s.config.get("adapt", {}).get("enabled"):
+                weights[s.method] = R.weight_curves(s.run_dir)  # the first finished seed
+    paths = plot_all(agg, cfg.methods, curves, plots_dir, weights=weights)
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(report)))  # noqa: E731
     done, total = len(results), len(specs)
     steps, per_step = _tokens_per_step(specs[0].config)
@@ -250,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of each training process (default: CPU cores / jobs when jobs > 1)")
     p.add_argument("--status", action="store_true", help="print which runs are finished and exit")
+    p.add_argument("--estimate", type=float, default=None, metavar="TFLOPS",
+                   help="prepare the data if needed, print tokens, passes, FLOPs and the training time at TFLOPS "
+                        "TFLOP/s, and exit")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
     return p
 
@@ -277,8 +313,9 @@ def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dic
         log(f"start {spec.method} seed {spec.seed}")
         return execute(spec, cfg, work, env)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = {pool.submit(one, spec): (spec, time.time()) for spec in todo}
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    futures = {pool.submit(one, spec): (spec, time.time()) for spec in todo}
+    try:
         for fut in as_completed(futures):
             spec, t = futures[fut]
             done += 1
@@ -288,15 +325,24 @@ def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dic
                 failures.append(spec)
                 log(f"[{done}/{len(todo)}] FAILED {spec.method} seed {spec.seed}: {exc}")
                 continue
-            avg = res["eval"]["averages"]
+            avg, train_s = res["eval"]["averages"], max(res["train_seconds"], 1e-9)
             log(f"[{done}/{len(todo)}] {spec.method} seed {spec.seed}: seen {avg.get('seen', {}).get('loss', float('nan')):.4f} "
-                f"unseen {avg.get('unseen', {}).get('loss', float('nan')):.4f} (train {res['train_seconds']:.0f}s, "
-                f"eval {res['eval_seconds']:.0f}s, {time.time() - t:.0f}s since queued)")
+                f"unseen {avg.get('unseen', {}).get('loss', float('nan')):.4f} (train {train_s:.0f}s with start-up = "
+                f"{res['tokens'] / train_s:,.0f} tokens/s, {res['flops']['training'] / train_s / 1e12:.3g} TFLOP/s; "
+                f"eval {res['eval_seconds']:.0f}s; {time.time() - t:.0f}s since queued)")
+    except KeyboardInterrupt:  # stop: queued runs must not start after the signal
+        pool.shutdown(wait=False, cancel_futures=True)
+        log(f"interrupted after {done}/{len(todo)} runs; run the same command again to continue")
+        raise
+    pool.shutdown(wait=True)
     return failures
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
+
+    _quiet_known_warnings()
     try:
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs} must be >= 1")
@@ -316,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.status or args.report_only):
             ensure_data(cfg)
             validate(cfg, specs)
+        elif args.estimate:
+            raise ConfigError("--estimate cannot be combined with --status or --report-only")
     except ConfigError as exc:
         print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
         return 2
@@ -324,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     stale_eval = [s for s in specs if s not in todo and R.cached_result(s).get("eval_key") != key]
     log(f"{len(specs)} runs planned, {len(specs) - len(todo)} finished ({len(stale_eval)} to re-evaluate), "
         f"{len(todo)} to do")
+    if args.estimate:
+        for line in estimate(cfg, specs, todo, args.estimate):
+            log(line)
+        return 0
     if args.status:
         for s in specs:
             print(f"  {'done' if R.cached_result(s) else 'todo'}  {s.method:<11} seed {s.seed}  {s.run_dir}")

@@ -270,7 +270,12 @@ def output_path(run_dir: str, out: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapt_pretrain.megatron.parallel import PortInUseError
+
     args = build_parser().parse_args(argv)
+    from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
+
+    _quiet_known_warnings()
     dirs = [d for d in args.data if os.path.isdir(d)]
     files = [f for f in args.data if not os.path.isdir(f)]
     missing = [f for f in files if not os.path.isfile(f)]
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_run(args.run, dirs[0] if dirs else None, files,
                               None if args.seen is None else [d for d in args.seen.split(",") if d],
                               settings, progress=not args.no_progress and sys.stderr.isatty())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, PortInUseError) as exc:
         print(f"adapt-pretrain eval: {exc}", file=sys.stderr)
         return 2
     tmp = out + ".tmp"

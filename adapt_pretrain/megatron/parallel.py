@@ -40,6 +40,10 @@ class ParallelInfo:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
+class PortInUseError(RuntimeError):
+    """The launcher's MASTER_PORT is taken by another process on the master host."""
+
+
 def _init_process_group() -> bool:
     """Initialise torch.distributed from env (torchrun/deepspeed launcher) or as one process.
 
@@ -63,7 +67,7 @@ def _init_process_group() -> bool:
     except dist.DistNetworkError as exc:
         if "address already in use" not in str(exc).lower() and "eaddrinuse" not in str(exc).lower():
             raise
-        raise RuntimeError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is already "
+        raise PortInUseError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is already "
                            "in use (another job on this host?): launch with a free --master_port / MASTER_PORT") from exc
     return True
 

@@ -143,6 +143,22 @@ def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
     return {d: num[d] / den[d] for d in sorted(num) if den[d] > 0}
 
 
+def weight_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """domain -> (steps, the domain's mean token weight relative to the step's mean weight): the weight
+    curriculum of an online method, per step (empty for runs that logged no weighted shares)."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for step, sc in sorted(_scalars_by_step(run_dir).items()):
+        for key, share in sc.items():
+            if key.startswith("domain/") and key.endswith("/token_share") and share > 0:
+                d = key[len("domain/"):-len("/token_share")]
+                weighted = sc.get(f"domain/{d}/weighted_share")
+                if weighted is not None:
+                    steps, values = out.setdefault(d, ([], []))
+                    steps.append(step)
+                    values.append(float(weighted) / float(share))
+    return out
+
+
 def loss_curve(run_dir: str, key: str = "loss/mean") -> tuple[list[int], list[float]]:
     """(steps, values) of one scalar from metrics.jsonl (falls back to `loss`)."""
     per_step = {s: sc.get(key, sc.get("loss")) for s, sc in _scalars_by_step(run_dir).items()}

@@ -104,3 +104,28 @@ def test_aggregate_mean_std_and_markdown(tmp_path):
     update_marked_block(str(report), "new table")
     text = report.read_text()
     assert "old" not in text and "new table" in text and text.startswith("# R\n\nintro") and text.endswith("reading\n")
+
+
+def test_paired_deltas_per_seed(tmp_path):
+    specs = plan_runs(_cfg(tmp_path))
+    losses = {("uniform", 1): (2.0, 4.0), ("uniform", 2): (2.2, 4.4), ("adapt", 1): (1.9, 4.1), ("adapt", 2): (2.3, 4.3)}
+    md = markdown_tables(aggregate([_fake_result(s, *losses[(s.method, s.seed)]) for s in specs]), ["uniform", "adapt"])
+    assert "| method | seed 1 | seed 2 |" in md
+    assert "| adapt | -0.100 / +0.100 | +0.100 / -0.100 |" in md  # 1.9-2.0 / 4.1-4.0 and 2.3-2.2 / 4.3-4.4
+
+
+def test_weight_curves_and_their_plot(tmp_path):
+    from adapt_pretrain.methods.report import plot_all
+
+    lines = [{"step": s, "scalars": {"domain/a/token_share": 0.5, "domain/a/weighted_share": 0.5 + 0.1 * s,
+                                     "domain/b/token_share": 0.5, "domain/b/weighted_share": 0.5 - 0.1 * s,
+                                     "domain/c/token_share": 0.0}} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    w = R.weight_curves(str(tmp_path))
+    assert set(w) == {"a", "b"} and w["a"][0] == [0, 1, 2]  # a domain absent from the batches has no curve
+    np.testing.assert_allclose(w["a"][1], [1.0, 1.2, 1.4])
+    np.testing.assert_allclose(w["b"][1], [1.0, 0.8, 0.6])
+    specs = plan_runs(_cfg(tmp_path))
+    agg = aggregate([_fake_result(s, 2.0, 3.0) for s in specs])
+    paths = plot_all(agg, ["uniform", "adapt"], {}, str(tmp_path / "plots"), weights={"adapt": w})
+    assert os.path.basename(paths[-1]) == "weight_curricula.png" and os.path.getsize(paths[-1]) > 1000

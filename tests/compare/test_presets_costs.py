@@ -19,7 +19,8 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("name,enabled,policy,signal", [
-    ("uniform", False, "adapt", "embed"), ("adapt", True, "adapt", "embed"), ("adapt-bm25", True, "adapt", "bm25"),
+    ("uniform", False, "adapt", "embed"), ("adapt", True, "adapt", "embed"), ("adapt-std", True, "adapt", "embed"),
+    ("adapt-bm25", True, "adapt", "bm25"),
     ("linupper", True, "linupper", "embed"), ("topk-embed", False, "adapt", "embed"),
     ("topk-bm25", False, "adapt", "embed"), ("static-mix", False, "adapt", "embed")])
 def test_preset_adapt_section(name, enabled, policy, signal):
@@ -28,7 +29,9 @@ def test_preset_adapt_section(name, enabled, policy, signal):
     adapt = AdaptConfig.from_dict(specs[0].config["adapt"])
     assert (adapt.enabled, adapt.policy, adapt.signal) == (enabled, policy, signal)
     assert adapt.refresh_interval == 2  # shared settings survive
-    assert adapt.standardize is (name == "adapt")  # per-method overrides apply to that method only
+    # the adapt-std preset standardises; the config's per-method override applies to adapt only
+    assert adapt.standardize is (name in ("adapt", "adapt-std"))
+    assert ("adapt.standardize=true" in get_preset(name).overrides) is (name == "adapt-std")
 
 
 def test_plan_dirs_seeds_and_data_variants():
@@ -73,6 +76,7 @@ def test_run_flops_per_method_hand_count():
     assert all(r.training == train for r in f.values())  # equal training compute
     assert f["uniform"].total == train and f["static-mix"].total == train
     assert f["adapt"].online_scoring == 2 * 2 * 100 + 2 * 2 * 20 and f["adapt"].anchor_refresh == 3 * 168 * 6
+    assert f["adapt-std"].as_dict() == f["adapt"].as_dict()  # standardising costs nothing extra
     assert f["adapt-bm25"].prepare_scoring == 2 * 1000 * 5 == bm25_flops(1000, 5)
     assert f["topk-bm25"].prepare_scoring == 2 * 1000 * 5
     assert f["topk-embed"].prepare_scoring == 3 * 168 * 200 + 168 * 300

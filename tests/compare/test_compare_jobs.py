@@ -1,0 +1,45 @@
+"""`compare --jobs 2` on a tiny config: runs train at the same time, the log stays one line per event,
+finished runs are cached, and relative paths / `--corpus` resolve as documented."""
+from __future__ import annotations
+
+import json
+import os
+
+import yaml
+
+from .conftest import run_module
+
+TINY_RUN = {"model": {"vocab_size": 512, "seq_len": 32, "hidden_size": 32, "num_layers": 1, "num_attention_heads": 2,
+                      "bf16": False},
+            "train": {"steps": 3, "micro_batch_size": 2, "log_interval": 1},
+            "optim": {"warmup_steps": 1}, "data": {"num_workers": 0}, "adapt": {"num_anchors": 4, "refresh_interval": 2},
+            "wandb": {"enabled": False}}
+
+
+def test_jobs_run_at_once_with_line_logs(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "out_dir": "out", "prepare": {"vocab_size": 512, "num_anchors": 4, "anchor_domains": ["python_doc"],
+                                      "num_workers": 1},
+        "run": TINY_RUN, "methods": ["uniform", "linupper"], "seeds": [1],
+        "eval": {"max_tokens": 256, "docs": 8}}))
+    missing = run_module(["adapt_pretrain.compare", "--config", str(config), "--out-dir", str(tmp_path / "out")], timeout=60)
+    assert missing.returncode == 2 and "--corpus" in missing.stderr  # no corpus named: a clear error
+    args = ["adapt_pretrain.compare", "--config", str(config), "--corpus", "demo", "--out-dir", str(tmp_path / "out"),
+            "--jobs", "2", "run.train.steps=4"]
+    proc = run_module(args, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "\r" not in proc.stdout and all(line.startswith("[compare ") for line in lines), proc.stdout
+    starts = [i for i, line in enumerate(lines) if "] start " in line]
+    ends = [i for i, line in enumerate(lines) if "/2] " in line]
+    assert len(starts) == 2 and len(ends) == 2 and max(starts) < min(ends), proc.stdout  # both ran at once
+    for method in ("uniform", "linupper"):
+        result = json.load(open(tmp_path / "out" / "runs" / f"{method}-s1" / "result.json"))
+        assert result["steps"] == 4  # the command-line override reached the run
+        assert result["eval"]["settings"]["max_tokens"] == 256
+        assert all(d["tokens"] <= 256 for d in result["eval"]["domains"].values())
+        assert not os.path.exists(tmp_path / "out" / "runs" / f"{method}-s1" / "eval.json")  # eval's own file stays free
+    assert "| linupper | 1 |" in (tmp_path / "out" / "results.md").read_text()
+    again = run_module(args, timeout=120)  # finished: nothing to train again
+    assert again.returncode == 0 and "0 to do" in again.stdout and "] start " not in again.stdout
