@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Optional
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.data.config import DataError
 from adapt_pretrain.methods import runs as R
 from adapt_pretrain.methods.costs import ScoringWork, run_flops
 from adapt_pretrain.methods.plan import CompareConfig, RunSpec, load_compare_config, plan_runs, run_config
@@ -272,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", required=True, help="comparison YAML (e.g. launch/configs/compare-cpu.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the config, e.g. run.train.steps=100 eval.max_tokens=4096")
-    p.add_argument("--corpus", nargs="+", default=None,
-                   help="corpus files/folders (replaces prepare.inputs; `demo` = the bundled corpus)")
+    p.add_argument("--corpus", action="append", default=None,
+                   help="a corpus file or folder (repeatable; replaces prepare.inputs; `demo` = the bundled corpus)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (space or comma separated)")
     p.add_argument("--seeds", nargs="*", default=None, help="seeds (space or comma separated)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")
@@ -338,8 +339,18 @@ def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dic
     return failures
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line; KEY=VALUE items that --methods / --seeds swallowed are overrides."""
     args = build_parser().parse_args(argv)
+    for name in ("methods", "seeds"):
+        values = getattr(args, name) or []
+        args.overrides += [v for v in values if "=" in v]
+        setattr(args, name, [v for v in values if "=" not in v] or None)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
 
     _quiet_known_warnings()
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg, specs)
         elif args.estimate:
             raise ConfigError("--estimate cannot be combined with --status or --report-only")
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"adapt-pretrain compare: {exc}", file=sys.stderr)
         return 2
     todo = R.pending(specs)
