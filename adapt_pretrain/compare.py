@@ -29,10 +29,12 @@ _EVAL_LOCK = threading.Lock()  # evaluation runs in this process: one model and 
 
 
 def log(msg: str) -> None:
-    """One status line, written whole (concurrent jobs never glue lines together)."""
-    line = f"[compare {time.strftime('%H:%M:%S')}] {msg}\n"
+    """Status lines, each prefixed and written whole (concurrent jobs never glue lines together; a
+    multi-line message, such as a failed run's log tail, stays greppable line by line)."""
+    stamp = f"[compare {time.strftime('%H:%M:%S')}]"
+    text = "".join(f"{stamp} {line}\n" for line in (msg.splitlines() or [""]))
     with _LOG_LOCK:
-        sys.stdout.write(line)
+        sys.stdout.write(text)
         sys.stdout.flush()
 
 
@@ -333,7 +335,7 @@ def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dic
                 f"eval {res['eval_seconds']:.0f}s; {time.time() - t:.0f}s since queued)")
     except KeyboardInterrupt:  # stop: queued runs must not start after the signal
         pool.shutdown(wait=False, cancel_futures=True)
-        log(f"interrupted after {done}/{len(todo)} runs; run the same command again to continue")
+        log(f"interrupted after {done}/{len(todo)} runs")
         raise
     pool.shutdown(wait=True)
     return failures
@@ -350,7 +352,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return compare(parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C or a time limit: everything finished so far is kept
+        log("interrupted: run the same command again to continue (finished runs are skipped)")
+        return 130
+
+
+def compare(args: argparse.Namespace) -> int:
+    """The whole comparison for parsed arguments; returns the exit status."""
     from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
 
     _quiet_known_warnings()
