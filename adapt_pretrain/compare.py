@@ -341,6 +341,24 @@ def run_all(todo: list[RunSpec], cfg: CompareConfig, work: ScoringWork, env: dic
     return failures
 
 
+LOCK_FILE = ".compare.lock"
+
+
+def lock_out_dir(out_dir: str) -> Any:
+    """An exclusive lock on the out_dir for this process's lifetime (the open file; the kernel drops it
+    when the process ends, however it ends), or False when another compare holds it: two comparisons
+    in one directory would prepare, train and report over each other."""
+    import fcntl
+
+    fh = open(os.path.join(out_dir, LOCK_FILE), "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        return False
+    return fh
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line; KEY=VALUE items that --methods / --seeds swallowed are overrides."""
     args = build_parser().parse_args(argv)
@@ -376,6 +394,11 @@ def compare(args: argparse.Namespace) -> int:
     report = args.report or os.path.join(cfg.out_dir, "results.md")
     plots_dir = args.plots_dir or os.path.join(os.path.dirname(os.path.abspath(report)), "results")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = None if args.status else lock_out_dir(cfg.out_dir)
+    if lock is False:
+        print(f"adapt-pretrain compare: another compare is running in {cfg.out_dir} (it holds {LOCK_FILE}); "
+              "wait for it or use another --out-dir", file=sys.stderr)
+        return 2
     env = R.subprocess_env(job_threads(args.jobs, args.threads))
     t0 = time.time()
     specs = plan_runs(cfg)

@@ -2,6 +2,7 @@
 finished runs are cached, and relative paths / `--corpus` resolve as documented."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 
@@ -27,6 +28,11 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
     assert missing.returncode == 2 and "--corpus" in missing.stderr  # no corpus named: a clear error
     args = ["adapt_pretrain.compare", "--config", str(config), "--corpus", "demo", "--out-dir", str(tmp_path / "out"),
             "--jobs", "2", "run.train.steps=4"]
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".compare.lock", "w") as held:  # another compare in this out_dir
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = run_module(args, timeout=60)
+    assert busy.returncode == 2 and "another compare is running" in busy.stderr
     proc = run_module(args, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -43,3 +49,10 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
     assert "| linupper | 1 |" in (tmp_path / "out" / "results.md").read_text()
     again = run_module(args, timeout=120)  # finished: nothing to train again
     assert again.returncode == 0 and "0 to do" in again.stdout and "] start " not in again.stdout
+    # --estimate: per token, forward = 2 x matmul parameters (1 x (4*32^2 + 2*32*128) + 32*512 = 28672)
+    # + attention scores 2 x 2 x 32 x 32 = 4096, so 61440; training is 3 forwards: 184320 x 4 x 2 x 32 tokens
+    est = run_module([*args, "--estimate", "1e-6"], timeout=120)
+    assert est.returncode == 0, est.stderr[-2000:]
+    assert "uniform: 4 steps x 64 tokens = 256 tokens" in est.stdout
+    assert f"{184320 * 256:.3g} training FLOPs per run" in est.stdout
+    assert f"all 2 runs: {2 * 184320 * 256:.3g} training FLOPs = {2 * 184320 * 256 / 1e6:.0f} s at 1e-06 TFLOP/s" in est.stdout
