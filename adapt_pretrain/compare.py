@@ -143,9 +143,9 @@ def execute(spec: RunSpec, cfg: CompareConfig, work: ScoringWork, env: dict[str,
     resumable = R.prepare_run_dir(spec)
     t0 = time.time()
     R.run_logged(R.train_command(spec), os.path.join(spec.run_dir, "train.log"), env)
-    train_s = time.time() - t0
+    trained = (t0, time.time())
     evaluation = evaluate_here(spec.run_dir, cfg)
-    return finish(spec, work, evaluation, train_s, evaluation["seconds"], resumable, eval_key(cfg))
+    return finish(spec, work, evaluation, trained, evaluation["seconds"], resumable, eval_key(cfg))
 
 
 def eval_key(cfg: CompareConfig) -> str:
@@ -168,9 +168,10 @@ def reevaluate(spec: RunSpec, cfg: CompareConfig, old: dict[str, Any]) -> dict[s
     return result
 
 
-def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], train_s: float, eval_s: float,
+def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], trained: tuple[float, float], eval_s: float,
            resumable: bool, key: str) -> dict[str, Any]:
-    """Cost the run and cache its result.json (written last: its presence marks a finished run)."""
+    """Cost the run and cache its result.json (written last: its presence marks a finished run).
+    `trained`: wall-clock start and end of the training process (epoch seconds; runs overlap under --jobs)."""
     from adapt_pretrain.flops import ModelShape
     from adapt_pretrain.run_config import RunConfig
 
@@ -182,7 +183,8 @@ def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], train_s
                       rc.adapt.refresh_interval, work)
     result = {"method": spec.method, "seed": spec.seed, "fingerprint": spec.fingerprint, "run_dir": spec.run_dir,
               "data_dir": spec.data_dir, "tokens": steps * per_step, "steps": steps, "flops": flops.as_dict(),
-              "eval": evaluation, "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+              "eval": evaluation, "train_seconds": round(trained[1] - trained[0], 1), "train_wall": list(trained),
+              "eval_seconds": round(eval_s, 1),
               "resumed": resumable, "eval_key": key, **summary}
     R.write_json(os.path.join(spec.run_dir, R.RESULT), result)
     return result

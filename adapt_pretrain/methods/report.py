@@ -211,18 +211,26 @@ def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, 
     online = [m for m in methods if (weights or {}).get(m)]
     if online:
         seen = set().union(*(agg[m]["seen"] for m in online))
+        names = sorted({d for m in online for d in weights[m]}, key=lambda d: (d not in seen, d))
+        # one colour per domain in every panel: tab20's 10 dark hues first, then their light twins
+        color = {d: plt.get_cmap("tab20")((2 * i) % 20 + (2 * i // 20) % 2) for i, d in enumerate(names)}
         fig, axes = plt.subplots(1, len(online), figsize=(5.5 * len(online), 4), squeeze=False, sharey=True)
         for ax, m in zip(axes[0], online):
-            for d, (steps, values) in sorted(weights[m].items(), key=lambda kv: (kv[0] not in seen, kv[0])):
+            for d in names:
+                if d not in weights[m]:
+                    continue
+                steps, values = weights[m][d]
                 k = max(1, len(values) // 50)
                 y = np.convolve(values, np.ones(k) / k, mode="valid")
-                ax.plot(steps[: len(y)], y, lw=2.0 if d in seen else 1.0, ls="-" if d in seen else "--",
-                        label=d + (" *" if d in seen else ""))
+                ax.plot(steps[: len(y)], y, color=color[d], lw=2.0 if d in seen else 1.0, ls="-" if d in seen else "--")
             ax.axhline(1.0, color="k", lw=0.5)
             ax.set_title(m, fontsize=9)
             ax.set_xlabel("step")
         axes[0][0].set_ylabel("domain mean weight / batch mean weight")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        handles = [plt.Line2D([], [], color=color[d], lw=2.0 if d in seen else 1.0, ls="-" if d in seen else "--")
+                   for d in names]
+        axes[0][-1].legend(handles, [d + (" *" if d in seen else "") for d in names], fontsize=7, loc="center left",
+                           bbox_to_anchor=(1.0, 0.5))
         fig.suptitle("Weight curricula (smoothed; * = anchor domain; 1 = uniform)", fontsize=10)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, "weight_curricula.png"))

@@ -37,11 +37,11 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "\r" not in proc.stdout and all(line.startswith("[compare ") for line in lines), proc.stdout
-    starts = [i for i, line in enumerate(lines) if "] start " in line]
-    ends = [i for i, line in enumerate(lines) if "/2] " in line]
-    assert len(starts) == 2 and len(ends) == 2 and max(starts) < min(ends), proc.stdout  # both ran at once
-    for method in ("uniform", "linupper"):
-        result = json.load(open(tmp_path / "out" / "runs" / f"{method}-s1" / "result.json"))
+    assert sum("] start " in line for line in lines) == 2 and sum("/2] " in line for line in lines) == 2
+    results = {m: json.load(open(tmp_path / "out" / "runs" / f"{m}-s1" / "result.json")) for m in ("uniform", "linupper")}
+    walls = [r["train_wall"] for r in results.values()]
+    assert max(w[0] for w in walls) < min(w[1] for w in walls), walls  # the two trainings overlapped in time
+    for method, result in results.items():
         assert result["steps"] == 4  # the command-line override reached the run
         assert result["eval"]["settings"]["max_tokens"] == 256
         assert all(d["tokens"] <= 256 for d in result["eval"]["domains"].values())
