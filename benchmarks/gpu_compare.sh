@@ -21,7 +21,8 @@
 # Env: OUT (default gpu_compare_out), COMPARE_WORK (run dirs; default runs/compare-gpu, or
 #   runs/compare-gpu-smoke; a second call on a still-warm machine skips the finished runs),
 #   COMPARE_JOBS (runs at once, default 2), COMPARE_LIMIT_S (the comparison stops after this many
-#   seconds, default 480, and the report covers the finished runs), PREFLIGHT (default 1 on a GPU),
+#   seconds, default: 520 s after the script started, so that the report is written inside the device's
+#   600 s per command; the report then covers the finished runs), PREFLIGHT (default 1 on a GPU),
 #   CARRY (default gpu_carry), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -53,7 +54,7 @@ TINY=(prepare.vocab_size=512 prepare.num_workers=1 prepare.num_anchors=4 prepare
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 
 main() {
-  local start corpus work extra rc
+  local start corpus work extra rc limit
   start=$(date +%s)
   export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
   if [ "$MODE" = device ]; then
@@ -70,12 +71,10 @@ main() {
     corpus=(demo)
     work=${COMPARE_WORK:-runs/compare-gpu-smoke}
     extra=(--seeds 1 "${TINY[@]}" run.model.bf16=false)
-    local block
-    block=$(mktemp -d)
     for pkg in deepspeed wandb; do  # not on the GPU machine: nothing here may need them
-      mkdir -p "$block/$pkg" && echo "raise ImportError('$pkg is not installed on the GPU machine')" > "$block/$pkg/__init__.py"
+      mkdir -p "$BLOCK/$pkg" && echo "raise ImportError('$pkg is not installed on the GPU machine')" > "$BLOCK/$pkg/__init__.py"
     done
-    export PYTHONPATH="$block${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="$BLOCK${PYTHONPATH:+:$PYTHONPATH}"
   fi
   # setup.py ships kernels/ as adapt_pretrain.kernels; without an installed copy, link it into the tree
   "$PY" -c "import adapt_pretrain.kernels" 2>/dev/null || ln -sfn ../kernels adapt_pretrain/kernels
@@ -92,8 +91,11 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-co
       || { echo "gpu_compare: pre-flight FAILED; the logs:"; tail -n 40 runs/compare-gpu-preflight/runs/*/train.log; return 4; }
   fi
 
-  echo "gpu_compare: comparison, $JOBS runs at a time, stopping after ${COMPARE_LIMIT_S:-480}s"
-  timeout -s INT -k 60 "${COMPARE_LIMIT_S:-480}" "$PY" -m adapt_pretrain.compare --config launch/configs/compare-gpu.yaml \
+  # whatever the pre-flight took, the comparison stops 520 s after the start, inside the device's 600 s per command
+  limit=${COMPARE_LIMIT_S:-$(( 520 - $(date +%s) + start ))}
+  [ "$MODE" = smoke ] && limit=${COMPARE_LIMIT_S:-1800}  # a loaded CPU machine: no device clock to respect
+  echo "gpu_compare: comparison, $JOBS runs at a time, stopping after ${limit}s"
+  timeout -s INT -k 30 "$limit" "$PY" -m adapt_pretrain.compare --config launch/configs/compare-gpu.yaml \
     --out-dir "$work" --corpus "${corpus[@]}" --jobs "$JOBS" --report "$OUT/results.md" --plots-dir "$OUT" \
     "${extra[@]}" "$@"
   rc=$?
@@ -106,5 +108,8 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-co
   return $rc
 }
 
+[ "$MODE" = smoke ] && BLOCK=$(mktemp -d)
 main "$@" 2>&1 | tee "$OUT/gpu_compare.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+[ "$MODE" = smoke ] && rm -rf "$BLOCK"
+exit "$rc"
