@@ -1,5 +1,6 @@
 """`compare --jobs 2` on a tiny config: runs train at the same time, the log stays one line per event,
-finished runs are cached, and relative paths / `--corpus` resolve as documented."""
+overrides and eval settings reach the runs, `--corpus` is required and one out_dir holds one comparison,
+and `--estimate` counts FLOPs as a hand count does."""
 from __future__ import annotations
 
 import fcntl
@@ -47,12 +48,11 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
         assert all(d["tokens"] <= 256 for d in result["eval"]["domains"].values())
         assert not os.path.exists(tmp_path / "out" / "runs" / f"{method}-s1" / "eval.json")  # eval's own file stays free
     assert "| linupper | 1 |" in (tmp_path / "out" / "results.md").read_text()
-    again = run_module(args, timeout=120)  # finished: nothing to train again
-    assert again.returncode == 0 and "0 to do" in again.stdout and "] start " not in again.stdout
-    # --estimate: per token, forward = 2 x matmul parameters (1 x (4*32^2 + 2*32*128) + 32*512 = 28672)
+    # --estimate (and a finished plan: nothing left to do): per token, forward = 2 x matmul parameters (1 x (4*32^2 + 2*32*128) + 32*512 = 28672)
     # + attention scores 2 x 2 x 32 x 32 = 4096, so 61440; training is 3 forwards: 184320 x 4 x 2 x 32 tokens
     est = run_module([*args, "--estimate", "1e-6"], timeout=120)
     assert est.returncode == 0, est.stderr[-2000:]
     assert "uniform: 4 steps x 64 tokens = 256 tokens" in est.stdout
     assert f"{184320 * 256:.3g} training FLOPs per run" in est.stdout
+    assert "2 finished (0 to re-evaluate), 0 to do" in est.stdout
     assert f"all 2 runs: {2 * 184320 * 256:.3g} training FLOPs = {2 * 184320 * 256 / 1e6:.0f} s at 1e-06 TFLOP/s" in est.stdout

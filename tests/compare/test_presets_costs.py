@@ -1,4 +1,6 @@
 """Presets produce the intended run configs; FLOPs per run charge each method's scoring work."""
+import os
+
 import pytest
 
 from adapt_pretrain.config import AdaptConfig
@@ -82,3 +84,29 @@ def test_run_flops_per_method_hand_count():
     assert f["topk-embed"].prepare_scoring == 3 * 168 * 200 + 168 * 300
     assert f["linupper"].online_scoring == 2 * 100
     assert forward_flops_per_token(TINY) == 168 and training_flops(TINY, 1) == 504
+
+
+def test_config_paths_relative_to_cwd_and_fingerprints_by_corpus_name(tmp_path, monkeypatch):
+    import yaml
+
+    from adapt_pretrain.config import ConfigError
+    from adapt_pretrain.methods.plan import load_compare_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"out_dir": "out", "prepare": {"vocab_size": 300}, "run": RUN,
+                                        "methods": ["uniform"], "seeds": [1], "eval": {"extra": ["x.jsonl"]}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--corpus"):
+        load_compare_config(str(cfg_file))
+    here = load_compare_config(str(cfg_file), corpus=["../shared/corpora"])
+    assert here.prepare["inputs"] == [str(tmp_path.parent / "shared" / "corpora")]
+    assert here.out_dir == str(tmp_path / "out") and here.eval_extra == [str(tmp_path / "x.jsonl")]
+    moved = load_compare_config(str(cfg_file), corpus=["/elsewhere/corpora"])
+    assert plan_runs(here)[0].fingerprint == plan_runs(moved)[0].fingerprint  # same corpus, another place
+    other = load_compare_config(str(cfg_file), corpus=["/elsewhere/other_corpus"])
+    assert plan_runs(here)[0].fingerprint != plan_runs(other)[0].fingerprint
+    demo = load_compare_config(str(cfg_file), corpus=["demo"], overrides=("run.train.steps=7", "eval.docs=3"))
+    assert all(os.path.isfile(p) for p in demo.prepare["inputs"]) and demo.run["train"]["steps"] == 7
+    assert demo.eval_settings.docs == 3
+    with pytest.raises(ConfigError, match="eval.docs"):
+        load_compare_config(str(cfg_file), corpus=["demo"], overrides=("eval.docs=0",))
