@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All GPU checks in one script (about 6-9 minutes on one H200, capped at 9; no network needed):
 #   1. install megatron-core, webdataset (+ braceexpand) and liger-kernel from the wheels in .whl/
-#      (fetch them beforehand, where there is network, with `bash benchmarks/gpu_wheels.sh`, and carry
+#      (fetch them beforehand, where there is network, with `bash benchmarks/gpu_wheels.sh download .whl megatron-core==0.16.1 webdataset==1.0.2
+#      braceexpand==0.1.7 liger-kernel==0.8.5`, and carry
 #      .whl along) and this package (editable, no build isolation, no index);
 #   2. the kernel tests with CUDA tensors (Triton compiled, not interpreted; the vocab-parallel test's
 #      worker processes too) and the SDPA attention check on the GPU's fused kernels;
@@ -46,8 +47,8 @@ unset TRITON_INTERPRET ADAPT_KERNELS_FORCE_TRITON
 # ---------------------------------------------------------------------------------------- 1. install
 if ! $PY -c "import megatron.core, webdataset" 2>/dev/null; then
   ls "$WHEELS"/megatron_core-*.whl >/dev/null 2>&1 \
-    || { echo "gpu_check: no wheels in $WHEELS: run 'bash benchmarks/gpu_wheels.sh' where there is network and carry $WHEELS"; exit 3; }
-  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site "$WHEELS"/*.whl \
+    || { echo "gpu_check: no wheels in $WHEELS: run 'bash benchmarks/gpu_wheels.sh download $WHEELS megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 liger-kernel==0.8.5' where there is network and carry $WHEELS"; exit 3; }
+  PYTHON=$PY bash benchmarks/gpu_wheels.sh install "$WHEELS" /tmp/gpu_check_site \
     || { echo "gpu_check: installing the wheels failed"; exit 3; }
   export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
 fi

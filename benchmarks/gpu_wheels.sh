@@ -1,27 +1,41 @@
 #!/usr/bin/env bash
-# Download, on a machine with network access, the wheels that benchmarks/gpu_check.sh installs on a
-# GPU machine without one (its image has torch, triton, numpy, pyyaml, tqdm, tokenizers and pytest
-# but not these). They land in .whl/ (git-ignored through .git/info/exclude), for CPython 3.12 on
-# x86-64 Linux; carry that folder to the GPU machine next to the repository (about 4 MiB).
-#   bash benchmarks/gpu_wheels.sh            # then, on the GPU machine: bash benchmarks/gpu_check.sh
-# Env: GPU_WHEELS_DIR (default .whl), GPU_PYTHON_VERSION (default 3.12).
+# Wheels of the Python packages the GPU machine's image lacks, fetched here for its Python (3.12,
+# x86-64, manylinux) and installed there without a network. Used by benchmarks/gpu_compare.sh; any
+# other GPU script can call it the same way.
+#
+#   bash benchmarks/gpu_wheels.sh download DEST [NAME==VERSION ...]   # here, where pip reaches PyPI
+#   bash benchmarks/gpu_wheels.sh install DEST TARGET                 # there; then PYTHONPATH=TARGET:$PYTHONPATH
+#
+# Default packages: what training, eval and compare import beyond the image's torch, numpy, tokenizers,
+# pyyaml, tqdm and matplotlib: megatron-core and webdataset (and webdataset's braceexpand), at the
+# versions setup.py pins. deepspeed is not needed by a plain single-process run (the launcher module
+# reads environment variables only) and wandb is imported only when `wandb.enabled` is true.
+# `--no-deps` fetches no dependencies: name every missing one. Env: GPU_PYTHON_VERSION (default 3.12).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-DIR=${GPU_WHEELS_DIR:-.whl}
-PYVER=${GPU_PYTHON_VERSION:-3.12}
-# megatron-core's own needs (numpy, packaging, torch) are on the image; webdataset needs braceexpand.
-# liger-kernel is optional: a baseline in the loss benchmark.
-WHEELS=(megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7 liger-kernel==0.8.5)
-
-mkdir -p "$DIR"
-if git rev-parse --git-dir >/dev/null 2>&1; then
-  exclude=$(git rev-parse --git-path info/exclude)
-  mkdir -p "$(dirname "$exclude")"
-  grep -qx "/$DIR/" "$exclude" 2>/dev/null || echo "/$DIR/" >> "$exclude"
-fi
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-  -d "$DIR" "${WHEELS[@]}"
-ls -l "$DIR"
-du -sh "$DIR"
+DEFAULT_PACKAGES=(megatron-core==0.16.1 webdataset==1.0.2 braceexpand==0.1.7)
+PYTHON=${PYTHON:-python3}
+mode=${1:-}
+dest=${2:-}
+[ -n "$mode" ] && [ -n "$dest" ] || { sed -n '2,13p' "$0"; exit 2; }
+shift 2
+case "$mode" in
+  download)
+    packages=("$@")
+    [ ${#packages[@]} -gt 0 ] || packages=("${DEFAULT_PACKAGES[@]}")
+    mkdir -p "$dest"
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+             manylinux2014_x86_64 manylinux1_x86_64; do
+      platforms+=(--platform "$p")
+    done
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" \
+      --implementation cp "${platforms[@]}" -d "$dest" "${packages[@]}"
+    echo "gpu_wheels: $(ls "$dest"/*.whl | wc -l) wheel(s) in $dest ($(du -sh "$dest" | cut -f1))"
+    ;;
+  install)
+    target=${1:?usage: gpu_wheels.sh install DEST TARGET}
+    compgen -G "$dest/*.whl" >/dev/null || { echo "gpu_wheels: no wheels in $dest" >&2; exit 3; }
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$dest"/*.whl
+    ;;
+  *) echo "gpu_wheels: unknown mode '$mode' (download | install)" >&2; exit 2 ;;
+esac

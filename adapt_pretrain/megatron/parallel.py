@@ -42,20 +42,36 @@ class ParallelInfo:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
 
+class PortInUseError(RuntimeError):
+    """The launcher's MASTER_PORT is taken by another process on the master host."""
+
+
 def _init_process_group(timeout_s: float) -> bool:
     """Initialise torch.distributed from env (torchrun/deepspeed launcher) or as one process.
 
-    Returns True when this call created the group (so teardown may destroy it)."""
+    Under a launcher (WORLD_SIZE set) the group meets at the launcher's MASTER_ADDR:MASTER_PORT. A
+    process on its own gets a 1-rank group whose store listens on a port the kernel picks while
+    binding (no probe-then-bind race), so any number of evals and training runs share a host; the
+    environment is left untouched. Returns True when this call created the group (so teardown may
+    destroy it)."""
     if dist.is_initialized():
         return False
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    backend = "nccl" if cuda else "gloo"
     if "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29512")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        store = dist.TCPStore("127.0.0.1", 0, 1, True)  # port 0: bound to a free port atomically
+        dist.init_process_group(backend, store=store, rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        return True
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except dist.DistNetworkError as exc:
+        if "address already in use" not in str(exc).lower() and "eaddrinuse" not in str(exc).lower():
+            raise
+        raise PortInUseError(f"MASTER_PORT={os.environ.get('MASTER_PORT')} on {os.environ.get('MASTER_ADDR')} is already "
+                           "in use (another job on this host?): launch with a free --master_port / MASTER_PORT") from exc
     return True
 
 

@@ -28,6 +28,11 @@ class LoadedModel:
     def data_dir(self) -> str:
         return str(self.config["data"]["data_dir"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (the GPU when there is one): inputs go there, results come back."""
+        return next(self.gpt.parameters()).device
+
 
 def find_run_checkpoint(run_dir: str) -> str:
     """The newest complete checkpoint of a run directory (raises FileNotFoundError naming the run)."""
@@ -64,24 +69,22 @@ def load_run_model(run_dir: str) -> LoadedModel:
     return LoadedModel(gpt, model_cfg.seq_len, config, int(meta.get("step", 0)), HiddenCapture(gpt))
 
 
-def pack_windows(docs: Sequence[np.ndarray], eos_id: int, seq_len: int, max_tokens: int | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Documents (each + EOS) concatenated and cut into [n, seq_len + 1] windows, plus a label mask.
-
-    The last window is padded (mask 0) rather than dropped, so a small domain still counts; at most
-    `max_tokens` labels are evaluated (documents taken in the given order).
+def pack_windows(stream: np.ndarray, labels: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """A token stream cut into [n, seq_len + 1] windows overlapping by one token (as training packs
+    them: every label predicted once) and their [n, seq_len] label mask (`labels[j]` is the mask of
+    stream[j + 1]). The last window is padded (mask 0) rather than dropped, so a small domain counts.
     """
-    stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), eos_id) for d in docs]) if docs else np.zeros(0, np.int64)
-    if max_tokens is not None:
-        stream = stream[: max_tokens + 1]
     n_labels = max(len(stream) - 1, 0)
+    if len(labels) != n_labels:
+        raise ValueError(f"{len(labels)} label flags for a stream of {len(stream)} tokens (expected {n_labels})")
     n = max(1, -(-n_labels // seq_len))
-    windows = np.full((n, seq_len + 1), eos_id, dtype=np.int64)
+    windows = np.full((n, seq_len + 1), pad_id, dtype=np.int64)
     mask = np.zeros((n, seq_len), dtype=np.float32)
     for i in range(n):
         part = stream[i * seq_len: i * seq_len + seq_len + 1]
         windows[i, : len(part)] = part
-        mask[i, : max(len(part) - 1, 0)] = 1.0
+        flags = labels[i * seq_len: i * seq_len + seq_len]
+        mask[i, : len(flags)] = flags
     return windows, mask
 
 
@@ -91,16 +94,16 @@ def token_losses(model: LoadedModel, windows: np.ndarray, batch_size: int = 16) 
     out = []
     s = model.seq_len
     for i in range(0, len(windows), batch_size):
-        w = torch.from_numpy(windows[i: i + batch_size])
+        w = torch.from_numpy(windows[i: i + batch_size]).to(model.device)
         tokens, labels = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-        pos = torch.arange(s).unsqueeze(0).expand(tokens.shape[0], s)
+        pos = torch.arange(s, device=model.device).unsqueeze(0).expand(tokens.shape[0], s)
         logits = model.gpt(tokens, pos, None)
         model.capture.pop()
         if logits.shape[0] != tokens.shape[0]:  # [s, b, V] layout
             logits = logits.transpose(0, 1)
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  reduction="none")
-        out.append(loss.reshape(tokens.shape).numpy())
+        out.append(loss.reshape(tokens.shape).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, s), np.float32)
 
 
@@ -122,12 +125,12 @@ def document_embeddings(model: LoadedModel, docs: Sequence[np.ndarray], batch_si
             d = np.asarray(d[:s], dtype=np.int64)
             tokens[j, : len(d)] = torch.from_numpy(d)
             weight[j, : len(d)] = torch.arange(1, len(d) + 1, dtype=torch.float32)
-        pos = torch.arange(s).unsqueeze(0).expand(len(batch), s)
-        model.gpt(tokens, pos, None)
+        pos = torch.arange(s, device=model.device).unsqueeze(0).expand(len(batch), s)
+        model.gpt(tokens.to(model.device), pos, None)
         hidden = model.capture.pop().float()
         if hidden.shape[0] != len(batch) or hidden.shape[1] != s:  # megatron's [s, b, H]
             hidden = hidden.transpose(0, 1)
-        chunks.append(torch.einsum("bs,bsh->bh", weight, hidden).numpy())
+        chunks.append(torch.einsum("bs,bsh->bh", weight.to(hidden.device), hidden).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
 
 

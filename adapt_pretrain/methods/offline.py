@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-anchors", type=int, default=None)
     p.add_argument("--prefix", type=int, default=None, help="embed only the first N tokens of each document")
     p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for a log file)")
     args = p.parse_args(argv)
-    result = embed_scores(args.run, args.data, args.num_anchors, args.prefix)
+    result = embed_scores(args.run, args.data, args.num_anchors, args.prefix, progress=not args.no_progress)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(result, fh)

@@ -1,8 +1,15 @@
 """The comparison's config (`adapt-pretrain compare --config FILE`) and the runs it implies.
 
 One YAML file: where results go, how to prepare the corpus, the RunConfig sections every run
-shares, the methods and seeds, and the offline methods' settings. Validated at load so a typo
-fails before the hour-long run starts.
+shares, the methods and seeds, the offline methods' settings and the evaluation's. Validated at
+load so a typo fails before the hour-long run starts.
+
+Paths: relative paths in the file (out_dir, prepare.inputs, eval.extra) are taken from the current
+directory, as every other command line path is (the shipped configs assume the repository root).
+`prepare.inputs: demo` is the corpus bundled with the package. The corpus can instead be given on
+the command line (`--corpus`), which replaces `prepare.inputs`: the shared corpora live outside the
+repository, wherever a machine keeps them. A run's fingerprint records the corpus by file name, not
+by location, so the same corpus at another path keeps finished runs valid.
 """
 from __future__ import annotations
 
@@ -16,7 +23,10 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.evaluate import EvalSettings
 from adapt_pretrain.methods.presets import PRESETS, MethodPreset, get_preset
+
+DEMO_INPUTS = "demo"  # `prepare.inputs: demo`: the corpus bundled with the package
 
 
 @dataclass
@@ -40,7 +50,8 @@ class SelectionConfig:
 class CompareConfig:
     """out_dir: everything the comparison writes (data, runs, results); prepare: PrepareConfig fields
     (out_dir is <out_dir>/data; bm25 is forced on, two methods need it); run: RunConfig sections
-    shared by all runs; method_overrides: extra dotted overrides per method; static_mix: {weights}."""
+    shared by all runs; method_overrides: extra dotted overrides per method; static_mix: {weights};
+    eval: EvalSettings keys plus `extra` (JSONL sets evaluated besides the validation split)."""
 
     out_dir: str
     prepare: dict[str, Any]
@@ -70,6 +81,17 @@ class CompareConfig:
                 raise ConfigError(f"run.train.{key} is set per run by compare; remove it")
         if (self.run.get("data") or {}).get("data_dir"):
             raise ConfigError("run.data.data_dir is set per run by compare; remove it")
+        if not isinstance(self.eval, Mapping):
+            raise ConfigError(f"eval must be a mapping (EvalSettings keys and extra), got {self.eval!r}")
+        self.eval_settings  # noqa: B018  (validates now, not after training)
+
+    @property
+    def eval_settings(self) -> EvalSettings:
+        return EvalSettings.from_dict({k: v for k, v in self.eval.items() if k != "extra"})
+
+    @property
+    def eval_extra(self) -> list[str]:
+        return [str(p) for p in self.eval.get("extra") or []]
 
     @property
     def data_dir(self) -> str:
@@ -83,7 +105,7 @@ class CompareConfig:
 
     def variant_info(self, variant: Optional[str]) -> dict[str, Any]:
         """The settings a derived data dir depends on (stored with it, part of its runs' fingerprints)."""
-        info: dict[str, Any] = {"prepare": self.prepare, "data_seed": self.data_seed}
+        info: dict[str, Any] = {"prepare": prepare_identity(self.prepare), "data_seed": self.data_seed}
         if variant and variant.startswith("topk-"):
             info.update(method=variant, fraction=float(self.selection.fraction))
             if variant == "topk-embed":
@@ -94,8 +116,33 @@ class CompareConfig:
         return info
 
 
+def prepare_identity(prepare: Mapping[str, Any]) -> dict[str, Any]:
+    """The prepare settings as a fingerprint sees them: inputs by file or folder name, not location."""
+    inputs = prepare.get("inputs") or []
+    names = [os.path.basename(os.path.normpath(str(p))) for p in ([inputs] if isinstance(inputs, str) else inputs)]
+    return {**prepare, "inputs": names}
+
+
+def resolve_inputs(inputs: Any) -> list[str]:
+    """prepare.inputs as absolute paths (`demo`: the bundled corpus; relative: from the current directory)."""
+    if inputs in (DEMO_INPUTS, [DEMO_INPUTS]):
+        from adapt_pretrain.data.demo import demo_corpus_paths
+
+        return demo_corpus_paths()
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise ConfigError("prepare.inputs is missing: name the corpus files or folders in the config, or pass "
+                          "--corpus PATH (on the development machines: ../shared/corpora beside the repository)")
+    return [os.path.abspath(str(p)) for p in inputs]
+
+
 def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: Optional[list[int]] = None,
-                        out_dir: Optional[str] = None) -> CompareConfig:
+                        out_dir: Optional[str] = None, corpus: Optional[list[str]] = None,
+                        overrides: tuple[str, ...] = ()) -> CompareConfig:
+    """Read, override (`--corpus`, dotted `key.sub=value`, methods, seeds, out_dir) and validate a config."""
+    from adapt_pretrain.run_config import parse_override
+
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
@@ -104,6 +151,16 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for text in overrides:
+        parts, value = parse_override(text)
+        if parts[0] not in known:
+            raise ConfigError(f"override {text!r}: unknown key {parts[0]!r}; known: {sorted(known)}")
+        node = raw.setdefault(parts[0], {})
+        for key in parts[1:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a mapping")
+        node[parts[-1]] = value
     if methods:
         raw["methods"] = methods
     if seeds:
@@ -113,7 +170,13 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
     for key in ("out_dir", "prepare", "run"):
         if key not in raw:
             raise ConfigError(f"{path}: missing required key {key!r}")
-    raw["out_dir"] = os.path.abspath(str(raw["out_dir"]))  # runs are launched as subprocesses: no cwd surprises
+    if corpus:
+        raw["prepare"]["inputs"] = list(corpus)
+    # runs are launched as subprocesses: no cwd surprises
+    raw["prepare"]["inputs"] = resolve_inputs(raw["prepare"].get("inputs"))
+    raw["out_dir"] = os.path.abspath(str(raw["out_dir"]))
+    if (raw.get("eval") or {}).get("extra"):
+        raw["eval"]["extra"] = [os.path.abspath(str(p)) for p in raw["eval"]["extra"]]
     return CompareConfig(**raw)
 
 
@@ -141,7 +204,8 @@ def run_config(cfg: CompareConfig, preset: MethodPreset, seed: int, data_dir: st
     from adapt_pretrain.run_config import apply_overrides
 
     overrides = preset.run_overrides(seed, run_dir, data_dir, (*cfg.method_overrides.get(preset.name, ()), *extra))
-    return apply_overrides(copy.deepcopy(cfg.run), overrides)
+    # training output goes to a log file: a progress bar there is one endless line of redraws
+    return apply_overrides(copy.deepcopy(cfg.run), [*overrides, "train.progress_bar=false"])
 
 
 def plan_runs(cfg: CompareConfig) -> list[RunSpec]:

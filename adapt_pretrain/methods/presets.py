@@ -42,6 +42,8 @@ PRESETS: dict[str, MethodPreset] = {p.name: p for p in (
     MethodPreset("uniform", "plain training on the full mixture (every token weight 1)", _PLAIN),
     MethodPreset("adapt", "ADAPT: online weights from the model's own hidden states vs the anchor centroid",
                  ("adapt.enabled=true", "adapt.policy=adapt", "adapt.signal=embed")),
+    MethodPreset("adapt-std", "ADAPT with z-scored similarities (adapt.standardize) before the sigmoid",
+                 ("adapt.enabled=true", "adapt.policy=adapt", "adapt.signal=embed", "adapt.standardize=true")),
     MethodPreset("adapt-bm25", "ADAPT with the static BM25-to-anchors score stored at prepare time",
                  ("adapt.enabled=true", "adapt.policy=adapt", "adapt.signal=bm25")),
     MethodPreset("topk-embed", "offline top-k by a proxy model's embedding similarity to the anchors, repeated",

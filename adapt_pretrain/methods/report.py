@@ -38,6 +38,7 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         avgs = sorted({a for r in rs for a in r["eval"]["averages"]})
         out[method] = {
             "seeds": sorted(int(r["seed"]) for r in rs),
+            "per_seed": {int(r["seed"]): {a: v["loss"] for a, v in r["eval"]["averages"].items()} for r in rs},
             "domains": {d: mean_std([r["eval"]["domains"][d]["loss"] for r in rs if d in r["eval"]["domains"]])
                         for d in domains},
             "averages": {a: mean_std([r["eval"]["averages"][a]["loss"] for r in rs if a in r["eval"]["averages"]])
@@ -85,6 +86,7 @@ def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str 
         lines.append(f"| {m} | {len(a['seeds'])} | {_fmt_ppl(get('seen'))} | {_fmt_ppl(get('unseen'))} | {_fmt_ppl(get('all'))} "
                      f"| {delta('seen')} | {delta('unseen')} | {a['flops_training']:.3g} "
                      f"| {a['flops_total']:.3g} | {a['overhead_ratio']:.3f}x | {a['train_seconds']:.0f} |")
+    lines += paired_deltas(agg, methods, baseline)
     lines += ["", "Per-domain held-out loss (nats/token, mean ± std over seeds; * = anchor / seen domain):", "",
               "| domain | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for d in domains:
@@ -111,9 +113,31 @@ def markdown_tables(agg: Mapping[str, Any], order: Sequence[str], baseline: str 
     return "\n".join(lines) + "\n"
 
 
+def paired_deltas(agg: Mapping[str, Any], methods: Sequence[str], baseline: str) -> list[str]:
+    """Markdown lines: each method's avg seen / unseen loss minus the baseline's, seed by seed (same
+    seed = same initialisation and data order, so these pairs are the sharper evidence)."""
+    base = agg.get(baseline)
+    others = [m for m in methods if m != baseline and base]
+    seeds = sorted({s for m in others for s in agg[m].get("per_seed", {}) if s in base.get("per_seed", {})}) if base else []
+    if not others or not seeds:
+        return []
+    lines = ["", f"Paired Δ vs {baseline}, seed by seed (avg seen / avg unseen, nats/token; negative = better):", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+    for m in others:
+        cells = []
+        for s in seeds:
+            mine, ref = agg[m]["per_seed"].get(s), base["per_seed"][s]
+            cells.append(" / ".join(f"{mine[k] - ref[k]:+.3f}" if mine and k in mine and k in ref else "-"
+                                    for k in ("seen", "unseen")) if mine else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, list[tuple[list[int], list[float]]]],
-             out_dir: str, baseline: str = "uniform") -> list[str]:
-    """summary.png (seen/unseen/all bars with std), domain_delta.png (vs baseline), train_loss.png."""
+             out_dir: str, baseline: str = "uniform",
+             weights: Mapping[str, Mapping[str, tuple[list[int], list[float]]]] | None = None) -> list[str]:
+    """summary.png (seen/unseen/all bars with std), domain_delta.png (vs baseline), train_loss.png and,
+    given online methods' per-step domain weights, weight_curricula.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +205,35 @@ def plot_all(agg: Mapping[str, Any], order: Sequence[str], curves: Mapping[str, 
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(os.path.join(out_dir, "train_loss.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    # 4. weight curricula of the online methods (one run each)
+    online = [m for m in methods if (weights or {}).get(m)]
+    if online:
+        seen = set().union(*(agg[m]["seen"] for m in online))
+        names = sorted({d for m in online for d in weights[m]}, key=lambda d: (d not in seen, d))
+        # one colour per domain in every panel: tab20's 10 dark hues first, then their light twins
+        color = {d: plt.get_cmap("tab20")((2 * i) % 20 + (2 * i // 20) % 2) for i, d in enumerate(names)}
+        fig, axes = plt.subplots(1, len(online), figsize=(5.5 * len(online), 4), squeeze=False, sharey=True)
+        for ax, m in zip(axes[0], online):
+            for d in names:
+                if d not in weights[m]:
+                    continue
+                steps, values = weights[m][d]
+                k = max(1, len(values) // 50)
+                y = np.convolve(values, np.ones(k) / k, mode="valid")
+                ax.plot(steps[: len(y)], y, color=color[d], lw=2.0 if d in seen else 1.0, ls="-" if d in seen else "--")
+            ax.axhline(1.0, color="k", lw=0.5)
+            ax.set_title(m, fontsize=9)
+            ax.set_xlabel("step")
+        axes[0][0].set_ylabel("domain mean weight / batch mean weight")
+        handles = [plt.Line2D([], [], color=color[d], lw=2.0 if d in seen else 1.0, ls="-" if d in seen else "--")
+                   for d in names]
+        axes[0][-1].legend(handles, [d + (" *" if d in seen else "") for d in names], fontsize=7, loc="center left",
+                           bbox_to_anchor=(1.0, 0.5))
+        fig.suptitle("Weight curricula (smoothed; * = anchor domain; 1 = uniform)", fontsize=10)
+        fig.tight_layout()
+        paths.append(os.path.join(out_dir, "weight_curricula.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 
@@ -127,20 +127,37 @@ def metrics_summary(run_dir: str) -> dict[str, float]:
             "domain_weight": domain_weights(per_step)}
 
 
-def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
-    """Each domain's token-weighted mean weight over the run, relative to the run's mean weight (1 = uniform).
+def domain_shares(scalars: dict[str, float]) -> Iterator[tuple[str, float, float]]:
+    """(domain, token share, weighted share) of one step's monitor scalars, for domains present in it;
+    weighted share / token share is the domain's mean weight relative to the step's mean weight (a run
+    without weights logs no weighted share: 1)."""
+    for key, share in scalars.items():
+        if key.startswith("domain/") and key.endswith("/token_share") and share > 0:
+            d = key[len("domain/"):-len("/token_share")]
+            yield d, float(share), float(scalars.get(f"domain/{d}/weighted_share", share))
 
-    From the monitor's per-step `domain/D/token_share` and `domain/D/weighted_share`: weighted_share /
-    token_share is the domain's mean weight relative to the step's mean, averaged with token counts."""
+
+def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Each domain's token-weighted mean weight over the run, relative to the run's mean weight (1 = uniform)."""
     num: dict[str, float] = {}
     den: dict[str, float] = {}
     for sc in per_step.values():
-        for key, share in sc.items():
-            if key.startswith("domain/") and key.endswith("/token_share") and share > 0:
-                d = key[len("domain/"):-len("/token_share")]
-                num[d] = num.get(d, 0.0) + float(sc.get(f"domain/{d}/weighted_share", share))
-                den[d] = den.get(d, 0.0) + float(share)
+        for d, share, weighted in domain_shares(sc):
+            num[d] = num.get(d, 0.0) + weighted
+            den[d] = den.get(d, 0.0) + share
     return {d: num[d] / den[d] for d in sorted(num) if den[d] > 0}
+
+
+def weight_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """domain -> (steps, the domain's mean token weight relative to the step's mean weight): the weight
+    curriculum of an online method, step by step."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for step, sc in sorted(_scalars_by_step(run_dir).items()):
+        for d, share, weighted in domain_shares(sc):
+            steps, values = out.setdefault(d, ([], []))
+            steps.append(step)
+            values.append(weighted / share)
+    return out
 
 
 def loss_curve(run_dir: str, key: str = "loss/mean") -> tuple[list[int], list[float]]:

@@ -75,14 +75,17 @@ def test_loader_reads_a_derived_dir(data_dir, tmp_path):
 
 
 def test_held_out_sets_val_split_and_extra_jsonl(data_dir, tmp_path):
-    from adapt_pretrain.evaluate import held_out_sets
+    from adapt_pretrain.evaluate import EvalSettings, held_out_sets
 
     extra = tmp_path / "more.jsonl"
     extra.write_text(json.dumps({"text": "def value", "domain": "code"}) + "\n"
                      + json.dumps({"text": "brand new words"}) + "\n")
     man = Manifest.load(data_dir)
-    sets, source = held_out_sets(data_dir, [str(extra)], man.tokenizer_path)
+    sets = held_out_sets(data_dir, [str(extra)], man.tokenizer_path, EvalSettings())
     val = Manifest.load(data_dir).raw["splits"]["val"]["docs_per_domain"]
-    assert {d: len(sets[d]) for d in val} == val  # every validation document, by domain
-    assert source["code"] == "val" and source["more:code"].endswith("more.jsonl")  # no silent merge
-    assert len(sets["more"]) == 1 and sets["more"][0].size > 0
+    assert {d: len(sets[d].docs) for d in val} == val  # fewer than `docs` each: every validation document
+    assert {d: sets[d].available for d in val} == val
+    assert sets["code"].source == "val" and sets["more:code"].source.endswith("more.jsonl")  # no silent merge
+    assert len(sets["more"].docs) == 1 and sets["more"].docs[0].size > 0
+    few = held_out_sets(data_dir, [], man.tokenizer_path, EvalSettings(docs=2))
+    assert all(len(h.docs) == 2 and h.available == val[d] for d, h in few.items())

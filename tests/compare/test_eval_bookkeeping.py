@@ -4,6 +4,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 
 from adapt_pretrain.evaluate import domain_averages, read_jsonl_texts
 from adapt_pretrain.methods import runs as R
@@ -22,13 +23,15 @@ def test_domain_averages_hand_computed():
     assert "seen" not in domain_averages({"a": 1.0}, seen=[])
 
 
-def test_pack_windows_masks_padding_and_caps_tokens():
-    w, m = pack_windows([np.array([1, 2, 3]), np.array([4, 5])], eos_id=0, seq_len=4)
-    # stream 1 2 3 0 4 5 0 -> 6 labels -> windows [1 2 3 0 4], [4 5 0 pad pad]
-    np.testing.assert_array_equal(w, [[1, 2, 3, 0, 4], [4, 5, 0, 0, 0]])
-    np.testing.assert_array_equal(m, [[1, 1, 1, 1], [1, 1, 0, 0]])
-    w, m = pack_windows([np.array([1, 2, 3]), np.array([4, 5])], eos_id=0, seq_len=4, max_tokens=3)
-    assert m.sum() == 3
+def test_pack_windows_overlap_by_one_and_mask_padding():
+    stream = np.array([9, 1, 2, 3, 0, 4, 5, 0])
+    labels = np.array([1, 1, 0, 1, 1, 1, 0], dtype=np.float32)  # flags of stream[1:]
+    w, m = pack_windows(stream, labels, seq_len=4, pad_id=0)
+    # 7 labels -> windows [9 1 2 3 0], [0 4 5 0 pad]: consecutive windows share one token
+    np.testing.assert_array_equal(w, [[9, 1, 2, 3, 0], [0, 4, 5, 0, 0]])
+    np.testing.assert_array_equal(m, [[1, 1, 0, 1], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="label flags"):
+        pack_windows(stream, labels[:-1], seq_len=4, pad_id=0)
 
 
 def test_read_jsonl_texts_domain_default(tmp_path):
@@ -103,13 +106,26 @@ def test_aggregate_mean_std_and_markdown(tmp_path):
     assert "old" not in text and "new table" in text and text.startswith("# R\n\nintro") and text.endswith("reading\n")
 
 
-def test_spread_prefixes_water_filling():
-    from adapt_pretrain.evaluate import spread_prefixes
+def test_paired_deltas_per_seed(tmp_path):
+    specs = plan_runs(_cfg(tmp_path))
+    losses = {("uniform", 1): (2.0, 4.0), ("uniform", 2): (2.2, 4.4), ("adapt", 1): (1.9, 4.1), ("adapt", 2): (2.3, 4.3)}
+    md = markdown_tables(aggregate([_fake_result(s, *losses[(s.method, s.seed)]) for s in specs]), ["uniform", "adapt"])
+    assert "| method | seed 1 | seed 2 |" in md
+    assert "| adapt | -0.100 / +0.100 | +0.100 / -0.100 |" in md  # 1.9-2.0 / 4.1-4.0 and 2.3-2.2 / 4.3-4.4
 
-    docs = [np.arange(100), np.arange(3), np.arange(10)]
-    # budget 20: the 3-token doc stays whole (3), remaining 17 over 2 docs -> share 8; the 10-token doc is
-    # longer than 8 -> cap 8 for the long ones: 8 + 3 + 8 = 19 <= 20
-    out = spread_prefixes(docs, 20)
-    assert [len(d) for d in out] == [8, 3, 8]
-    assert [len(d) for d in spread_prefixes(docs, 1000)] == [100, 3, 10]
-    assert [len(d) for d in spread_prefixes(docs, 30)] == [17, 3, 10]  # 3 + 10 whole, 17 left for the long one
+
+def test_weight_curves_and_their_plot(tmp_path):
+    from adapt_pretrain.methods.report import plot_all
+
+    lines = [{"step": s, "scalars": {"domain/a/token_share": 0.5, "domain/a/weighted_share": 0.5 + 0.1 * s,
+                                     "domain/b/token_share": 0.5, "domain/b/weighted_share": 0.5 - 0.1 * s,
+                                     "domain/c/token_share": 0.0}} for s in range(3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    w = R.weight_curves(str(tmp_path))
+    assert set(w) == {"a", "b"} and w["a"][0] == [0, 1, 2]  # a domain absent from the batches has no curve
+    np.testing.assert_allclose(w["a"][1], [1.0, 1.2, 1.4])
+    np.testing.assert_allclose(w["b"][1], [1.0, 0.8, 0.6])
+    specs = plan_runs(_cfg(tmp_path))
+    agg = aggregate([_fake_result(s, 2.0, 3.0) for s in specs])
+    paths = plot_all(agg, ["uniform", "adapt"], {}, str(tmp_path / "plots"), weights={"adapt": w})
+    assert os.path.basename(paths[-1]) == "weight_curricula.png" and os.path.getsize(paths[-1]) > 1000

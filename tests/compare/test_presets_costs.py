@@ -1,4 +1,6 @@
 """Presets produce the intended run configs; FLOPs per run charge each method's scoring work."""
+import os
+
 import pytest
 
 from adapt_pretrain.config import AdaptConfig
@@ -19,7 +21,8 @@ def _cfg(**kw):
 
 
 @pytest.mark.parametrize("name,enabled,policy,signal", [
-    ("uniform", False, "adapt", "embed"), ("adapt", True, "adapt", "embed"), ("adapt-bm25", True, "adapt", "bm25"),
+    ("uniform", False, "adapt", "embed"), ("adapt", True, "adapt", "embed"), ("adapt-std", True, "adapt", "embed"),
+    ("adapt-bm25", True, "adapt", "bm25"),
     ("linupper", True, "linupper", "embed"), ("topk-embed", False, "adapt", "embed"),
     ("topk-bm25", False, "adapt", "embed"), ("static-mix", False, "adapt", "embed")])
 def test_preset_adapt_section(name, enabled, policy, signal):
@@ -28,7 +31,9 @@ def test_preset_adapt_section(name, enabled, policy, signal):
     adapt = AdaptConfig.from_dict(specs[0].config["adapt"])
     assert (adapt.enabled, adapt.policy, adapt.signal) == (enabled, policy, signal)
     assert adapt.refresh_interval == 2  # shared settings survive
-    assert adapt.standardize is (name == "adapt")  # per-method overrides apply to that method only
+    # the adapt-std preset standardises; the config's per-method override applies to adapt only
+    assert adapt.standardize is (name in ("adapt", "adapt-std"))
+    assert ("adapt.standardize=true" in get_preset(name).overrides) is (name == "adapt-std")
 
 
 def test_plan_dirs_seeds_and_data_variants():
@@ -73,8 +78,35 @@ def test_run_flops_per_method_hand_count():
     assert all(r.training == train for r in f.values())  # equal training compute
     assert f["uniform"].total == train and f["static-mix"].total == train
     assert f["adapt"].online_scoring == 2 * 2 * 100 + 2 * 2 * 20 and f["adapt"].anchor_refresh == 3 * 168 * 6
+    assert f["adapt-std"].as_dict() == f["adapt"].as_dict()  # standardising costs nothing extra
     assert f["adapt-bm25"].prepare_scoring == 2 * 1000 * 5 == bm25_flops(1000, 5)
     assert f["topk-bm25"].prepare_scoring == 2 * 1000 * 5
     assert f["topk-embed"].prepare_scoring == 3 * 168 * 200 + 168 * 300
     assert f["linupper"].online_scoring == 2 * 100
     assert forward_flops_per_token(TINY) == 168 and training_flops(TINY, 1) == 504
+
+
+def test_config_paths_relative_to_cwd_and_fingerprints_by_corpus_name(tmp_path, monkeypatch):
+    import yaml
+
+    from adapt_pretrain.config import ConfigError
+    from adapt_pretrain.methods.plan import load_compare_config
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"out_dir": "out", "prepare": {"vocab_size": 300}, "run": RUN,
+                                        "methods": ["uniform"], "seeds": [1], "eval": {"extra": ["x.jsonl"]}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="--corpus"):
+        load_compare_config(str(cfg_file))
+    here = load_compare_config(str(cfg_file), corpus=["../shared/corpora"])
+    assert here.prepare["inputs"] == [str(tmp_path.parent / "shared" / "corpora")]
+    assert here.out_dir == str(tmp_path / "out") and here.eval_extra == [str(tmp_path / "x.jsonl")]
+    moved = load_compare_config(str(cfg_file), corpus=["/elsewhere/corpora"])
+    assert plan_runs(here)[0].fingerprint == plan_runs(moved)[0].fingerprint  # same corpus, another place
+    other = load_compare_config(str(cfg_file), corpus=["/elsewhere/other_corpus"])
+    assert plan_runs(here)[0].fingerprint != plan_runs(other)[0].fingerprint
+    demo = load_compare_config(str(cfg_file), corpus=["demo"], overrides=("run.train.steps=7", "eval.docs=3"))
+    assert all(os.path.isfile(p) for p in demo.prepare["inputs"]) and demo.run["train"]["steps"] == 7
+    assert demo.eval_settings.docs == 3
+    with pytest.raises(ConfigError, match="eval.docs"):
+        load_compare_config(str(cfg_file), corpus=["demo"], overrides=("eval.docs=0",))
