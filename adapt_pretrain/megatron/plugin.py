@@ -181,7 +181,8 @@ class AdaptMegatron:
         all-reduced over DP (then broadcast over PP): identical on every rank.
 
         Every PP/TP rank of a DP replica must pass the same list; DP ranks may hold different
-        numbers of anchor micro-batches (even none). Returns the refresh event's fields.
+        numbers of anchor micro-batches (even none). Returns the refresh event's fields (for
+        `Monitor.log_event(step, "anchor_refresh", **fields)`).
         """
         start = time.perf_counter()
         batches = list(anchor_micro_batches)
@@ -214,6 +215,7 @@ class AdaptMegatron:
         self._anchor_sums = None
         event = self.engine.finish_anchor_refresh(sums[:hidden_size].float(), sums[hidden_size].float(), step,
                                                   all_reduce_sum=self._reduce_sum)
+        event.pop("step", None)  # the caller logs it at its own step
         event["refresh_time_s"] = time.perf_counter() - start
         return event
 
