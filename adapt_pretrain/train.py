@@ -173,7 +173,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.chunks, cfg.optim)
         self.engine = AdaptEngine(cfg.adapt)
         self.step_fn = TrainStep(self.chunks, self.optimizer, self.scheduler, self.engine, cfg.model, cfg.parallel,
-                                 self.num_microbatches)
+                                 self.num_microbatches, domains=self.domains)
         self.state = LoopState()
         self.resumed_from: str | None = None
         if resume_from:
@@ -182,7 +182,6 @@ class Trainer:
         self.monitor = self._build_monitor()
         for name, fields in self._pending_events:
             self.monitor.log_event(self.state.step, name, **fields)
-        self.stats_layout = self._stats_layout()
         self._data_iter: Iterator[dict] | None = None
 
     # -- construction helpers ------------------------------------------------------------------------
@@ -211,17 +210,8 @@ class Trainer:
                               self.info.dp_rank, self.info.dp_size, num_anchors=self.cfg.adapt.num_anchors)
 
     def engine_needs_anchors(self) -> bool:
-        a = self.cfg.adapt
+        a = self.cfg.adapt  # the model is built after the anchors are read: AdaptMegatron.needs_anchors's rule
         return a.enabled and a.policy == "adapt" and a.signal == "embed"
-
-    def _stats_layout(self) -> Any:
-        from adapt_pretrain.monitor import StatsLayout
-
-        a = self.cfg.adapt
-        weight_hi = min(a.w_max, 1.0) if a.policy == "adapt" else max(a.w_max, 1.0)
-        score_range = (-1.0, 1.0) if a.signal == "embed" else (-4.0, 4.0)
-        return StatsLayout(num_domains=max(len(self.domains), 1), weight_range=(a.w_min, max(weight_hi, a.w_min + 1e-6)),
-                           score_range=score_range)
 
     def _build_monitor(self) -> Any:
         from adapt_pretrain.monitor import Monitor
@@ -455,7 +445,7 @@ class Trainer:
         """
         step = self.state.step
         refresh_s = 0.0
-        if self.engine.needs_anchor_refresh(step):
+        if self.step_fn.needs_anchor_refresh(step):
             refresh_s = self._refresh_anchors(step)
         t0 = time.perf_counter()
         micro = self._next_micro_batches()
@@ -583,8 +573,6 @@ class Trainer:
             "Other remedies: raise optim.warmup_steps, lower optim.clip_grad, check the data.")
 
     def _log_step(self, step: int, out: Any, loss: float, step_s: float, refresh_s: float) -> None:
-        from adapt_pretrain.monitor import finalize, partial_stats
-
         scalars: dict[str, float] = {
             "loss": loss, "lr": float(out.lr), "train/step_time_s": step_s, "train/anchor_refresh_s": refresh_s,
             "train/tokens_per_s": float(out.num_tokens or 0) / max(step_s, 1e-9),
@@ -596,9 +584,7 @@ class Trainer:
         histograms, tables = {}, {}
         if out.groups is not None and self.info.is_logging_rank:  # the global batch's groups (last stage)
             g = out.groups
-            stats = partial_stats(self.stats_layout, g["weights"], g["scores"], g["group_tokens"],
-                                  g["group_domain"], g["group_loss_sum"])
-            metrics = finalize(stats, self.domains)  # already global: gathered over DP by the step
+            metrics = self.step_fn.adapt.metrics(g)  # already global: gathered over DP by the step
             scalars.update(metrics.scalars)
             if self.monitor.histogram_due(step):
                 histograms = metrics.histograms
