@@ -25,39 +25,45 @@ def tiny_llama(seed: int = 0) -> Any:
     return LlamaForCausalLM(config)
 
 
-def ds_config(stage: int, clip: float, world: int, gas: int = GAS) -> dict[str, Any]:
+def ds_config(stage: int, clip: float, world: int, gas: int = GAS, bf16: bool = False) -> dict[str, Any]:
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": gas,
             "train_batch_size": MICRO * gas * world, "gradient_clipping": clip,
             "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+            "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def _engine(init: dict[str, torch.Tensor], stage: int, clip: float, world: int, gas: int) -> Any:
+def _engine(init: dict[str, torch.Tensor], job: dict[str, Any], world: int, gas: int) -> Any:
     import deepspeed
 
     model = tiny_llama()
     model.load_state_dict(init)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(stage, clip, world, gas))
+    config = ds_config(job["stage"], job["clip"], world, gas, job.get("bf16", False))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
 
-def _full_params(engine: Any, stage: int) -> dict[str, torch.Tensor]:
+def _full_params(engine: Any, stage: int, master: bool) -> dict[str, torch.Tensor]:
+    """Every weight, whole: the module's (fp32 runs) or the optimizer's fp32 master copy (bf16 runs)."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = dict(engine.module.named_parameters())
+    if master:
+        return {k: safe_get_full_fp32_param(v).detach().clone() for k, v in params.items()}
     if stage == 3:
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {k: v.detach().clone() for k, v in params.items()}
     return {k: v.detach().clone() for k, v in params.items()}
 
 
-def adapt_run(init, stage: int, clip: float, adapt: dict, my_steps: list[list[dict]], my_anchors: list[dict],
+def adapt_run(init, job: dict[str, Any], my_steps: list[list[dict]], my_anchors: list[dict],
               world: int) -> dict[str, Any]:
     """Train with the DeepSpeed ADAPT adapter; this rank's micro-batches per step."""
     from adapt_pretrain.deepspeed import DeepSpeedAdapt
 
-    engine = _engine(init, stage, clip, world, len(my_steps[0]))
+    engine = _engine(init, job, world, len(my_steps[0]))
+    stage, adapt = job["stage"], job["adapt"]
     runner = DeepSpeedAdapt(engine, adapt, domains=["a", "b", "c", "d", "e"])
     results = []
     for micro_batches in my_steps:
@@ -70,16 +76,16 @@ def adapt_run(init, stage: int, clip: float, adapt: dict, my_steps: list[list[di
         results.append(result)
     runner.close()
     metrics = runner.metrics(results[-1])[0]
-    return {"params": _full_params(engine, stage), "losses": [r.loss for r in results],
+    return {"params": _full_params(engine, stage, job.get("bf16", False)), "losses": [r.loss for r in results],
             "grad_norms": [r.grad_norm for r in results], "skipped": [r.skipped for r in results],
             "metrics": metrics}
 
 
-def plain_run(init, stage: int, clip: float, my_steps: list[list[dict]], world: int) -> dict[str, Any]:
+def plain_run(init, job: dict[str, Any], my_steps: list[list[dict]], world: int) -> dict[str, Any]:
     """Plain DeepSpeed training, written out as a user would: masked mean cross-entropy per micro-batch."""
     import torch.nn.functional as F
 
-    engine = _engine(init, stage, clip, world, len(my_steps[0]))
+    engine = _engine(init, job, world, len(my_steps[0]))
     for micro_batches in my_steps:
         for batch in micro_batches:
             logits = engine(input_ids=batch["tokens"]).logits
@@ -88,7 +94,19 @@ def plain_run(init, stage: int, clip: float, my_steps: list[list[dict]], world: 
             mask = batch["loss_mask"].reshape(-1).float()
             engine.backward((ce * mask).sum() / mask.sum())
             engine.step()
-    return {"params": _full_params(engine, stage)}
+    return {"params": _full_params(engine, job["stage"], False)}
+
+
+def refused_run(init, job: dict[str, Any], world: int) -> dict[str, Any]:
+    """The error an unsupported engine gets at construction (it must not train with a wrong normaliser)."""
+    from adapt_pretrain.deepspeed import DeepSpeedAdapt
+
+    engine = _engine(init, job, world, GAS)
+    try:
+        DeepSpeedAdapt(engine, job["adapt"])
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
 
 
 def run_jobs(rank: int, world: int, jobs: list[dict[str, Any]], init: dict, steps_by_rank: list,
@@ -101,10 +119,11 @@ def run_jobs(rank: int, world: int, jobs: list[dict[str, Any]], init: dict, step
     for job in jobs:
         start = time.perf_counter()
         if job["kind"] == "adapt":
-            result = adapt_run(init, job["stage"], job["clip"], job["adapt"], steps_by_rank[rank],
-                               anchors_by_rank[rank], world)
+            result = adapt_run(init, job, steps_by_rank[rank], anchors_by_rank[rank], world)
+        elif job["kind"] == "plain":
+            result = plain_run(init, job, steps_by_rank[rank], world)
         else:
-            result = plain_run(init, job["stage"], job["clip"], steps_by_rank[rank], world)
+            result = refused_run(init, job, world)
         out.append({**result, "seconds": time.perf_counter() - start})
     buffer = io.BytesIO()
     torch.save(out, buffer)
