@@ -92,15 +92,19 @@ class _GradientDivisor:
     ZeRO stage 1-3 optimizers divide their fp32 gradient partitions by their loss scale inside
     step(), before the norm is used for clipping and before the update, and report the norm divided
     by it: raising that scale to `backward_scale * divisor` (what their `override_loss_scale` sets)
-    for this one step normalises exactly. Without ZeRO and with a plain torch optimizer (fp32), the
-    gradients are whole and replicated in `param.grad` and DeepSpeed clips them inside step(), so
-    they are divided in place before it. Other wrappers are refused at construction.
+    for this one step normalises exactly (the scale is restored afterwards, so backward is untouched).
+    Without ZeRO and with a plain torch optimizer (fp32), the gradients are whole and replicated in
+    `param.grad` and DeepSpeed clips them inside step(), so they are divided in place before it.
+    Other wrappers (bf16 without ZeRO, BF16_Optimizer, fp16) are refused at construction.
     """
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.optimizer = engine.optimizer
         stage = engine.zero_optimization_stage()
+        if engine.fp16_enabled():
+            raise ConfigError("ADAPT's global normaliser is not tested with fp16 dynamic loss scaling; "
+                              "use bf16 (ZeRO stage 1-3) or fp32")
         self.uses_loss_scale = stage > 0 and _is_zero_optimizer(self.optimizer)
         if not self.uses_loss_scale and not (stage == 0 and isinstance(self.optimizer, torch.optim.Optimizer)):
             raise ConfigError(
@@ -195,7 +199,8 @@ class DeepSpeedAdapt:
     @torch.no_grad()
     def refresh_anchors(self, anchor_micro_batches: Sequence[dict[str, Any]]) -> dict[str, float]:
         """Encode this rank's share of the anchors (forward only) and set the centroid from sums
-        all-reduced over DP. Collective: every rank calls it with the same number of micro-batches
+        all-reduced over DP; returns the refresh event (centroid shift, time) for the monitor.
+        Collective: every rank calls it with the same number of micro-batches
         (`adapt_pretrain.data.anchors.anchor_batches` pads), since a ZeRO-3 forward gathers weights."""
         start = time.perf_counter()
         self._check_same_count(len(anchor_micro_batches))
@@ -223,6 +228,7 @@ class DeepSpeedAdapt:
         sums = self._reduce_sum(sums)
         event = self.core.finish_anchor_refresh(sums[:hidden_size].float(), sums[hidden_size].float(),
                                                 self.step_index, all_reduce_sum=self._reduce_sum)
+        event.pop("step", None)  # the caller logs it at step_index
         event["refresh_time_s"] = time.perf_counter() - start
         return event
 
