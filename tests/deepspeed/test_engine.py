@@ -23,6 +23,11 @@ from tests.distributed_helper import run_distributed
 
 STAGES = (0, 1, 2, 3)
 BF16_STAGES = (1, 2, 3)
+# Policies whose step-end state is reduced over the ranks (running score statistics, LinUpper's loss
+# range): 2 ranks x 2 micro-steps must equal 1 rank x 4 micro-steps of the same engine code.
+VARIANTS = {"bm25-standardized": {"enabled": True, "signal": "bm25", "standardize": True, "tau": 0.5},
+            "linupper": {"enabled": True, "policy": "linupper", "linupper_r": 0.3}}
+VARIANT_STAGE = 2
 WORLD = 2
 STEPS = 2
 CLIP = 0.4  # below the gradient norm (~0.62) of both steps: the clipping must see the normalised gradient
@@ -56,8 +61,13 @@ def runs(ds_data_dir):
     jobs += [{"kind": "plain", "stage": s, "clip": CLIP} for s in STAGES]
     jobs += [{"kind": "adapt", "stage": s, "clip": CLIP, "adapt": _runs.ADAPT, "bf16": True} for s in BF16_STAGES]
     jobs += [{"kind": "refused", "stage": 0, "clip": CLIP, "adapt": _runs.ADAPT, "bf16": True}]
-    per_rank = [_runs.decode(b) for b in run_distributed(_runs.run_jobs, WORLD, jobs, init, steps, anchors,
-                                                         timeout=900)]
+    variants = [{"kind": "adapt", "stage": VARIANT_STAGE, "clip": CLIP, "adapt": a} for a in VARIANTS.values()]
+    per_rank = [_runs.decode(b) for b in run_distributed(_runs.run_jobs, WORLD, jobs + variants, init, steps,
+                                                         anchors, timeout=900)]
+    one_rank_steps = [[[b for rank in range(WORLD) for b in steps[rank][k]] for k in range(STEPS)]]
+    one_rank_anchors = [[a for rank in range(WORLD) for a in anchors[rank]]]
+    one_rank = _runs.decode(run_distributed(_runs.run_jobs, 1, variants, init, one_rank_steps, one_rank_anchors,
+                                            timeout=900)[0])
     model = _runs.tiny_llama()
     model.load_state_dict(init)
     global_steps = [[b for rank in range(WORLD) for b in steps[rank][k]] for k in range(STEPS)]
@@ -69,7 +79,8 @@ def runs(ds_data_dir):
             "off": {s: [r[n + i] for r in per_rank] for i, s in enumerate(STAGES)},
             "plain": {s: [r[2 * n + i] for r in per_rank] for i, s in enumerate(STAGES)},
             "bf16": {s: [r[3 * n + i] for r in per_rank] for i, s in enumerate(BF16_STAGES)},
-            "refused": [r[-1] for r in per_rank]}
+            "refused": [r[len(jobs) - 1] for r in per_rank],
+            "variants": {name: ([r[len(jobs) + i] for r in per_rank], one_rank[i]) for i, name in enumerate(VARIANTS)}}
 
 
 def _max_update_error(params: dict, ref: dict, init: dict) -> float:
@@ -143,3 +154,17 @@ def test_unsupported_optimizer_wrapper_is_refused(runs):
     for out in runs["refused"]:
         assert out["error"] is not None and out["error"].startswith("ConfigError")
         assert "stage 0" in out["error"] and "ZeRO stage >= 1" in out["error"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_reduced_step_state_matches_one_rank(runs, variant):
+    """Running score statistics and LinUpper's loss range are reduced over the ranks at the step end:
+    2 ranks x 2 micro-steps equal 1 rank x 4 micro-steps (float32 both: the same tolerances)."""
+    two_ranks, one = runs["variants"][variant]
+    for out in two_ranks:
+        err = _max_update_error(out["params"], {k: v.double() for k, v in one["params"].items()}, runs["init"])
+        assert err < UPDATE_TOL, f"{variant}: parameter update off by {err:.2e} of its scale"
+        for got, want in zip(out["losses"], one["losses"]):
+            assert got == pytest.approx(want, rel=SCALAR_TOL)
+    weights = one["metrics"]
+    assert weights["adapt/weight_max"] - weights["adapt/weight_min"] > 0.05  # the weighting is active
