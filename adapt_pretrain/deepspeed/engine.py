@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from adapt_pretrain.config import AdaptConfig, ConfigError
-from adapt_pretrain.core import AdaptEngine, group_loss_means, plain_token_loss
+from adapt_pretrain.core import AdaptEngine, LossTerms, group_loss_means, plain_token_loss
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "group_id", "position", "num_groups")
 STATIC_SCORE_KEYS = {"bm25": ("group_bm25",), "embed-static": ("group_static_score", "group_bm25")}
@@ -203,9 +203,9 @@ class DeepSpeedAdapt:
         Collective: every rank calls it with the same number of micro-batches
         (`adapt_pretrain.data.anchors.anchor_batches` pads), since a ZeRO-3 forward gathers weights."""
         start = time.perf_counter()
-        self._check_same_count(len(anchor_micro_batches))
         if self._capture is None:
             raise RuntimeError("anchor refresh needs adapt.enabled with policy=adapt and signal=embed")
+        self._check_same_count(len(anchor_micro_batches))
         hidden_size = None
         sums: Optional[torch.Tensor] = None
         was_training = self.engine.module.training
@@ -244,40 +244,33 @@ class DeepSpeedAdapt:
     # ----- loss ---------------------------------------------------------------------------------------
     def loss(self, batch: Mapping[str, Any], logits: torch.Tensor) -> torch.Tensor:
         """The tensor to pass to `backward`: sum(m w l) of this micro-batch with ADAPT on, its masked
-        mean cross-entropy with ADAPT off. `logits` is [b, s, V] for `batch["tokens"]` [b, s]."""
+        mean cross-entropy with ADAPT off. `logits` is [b, s, V] for `batch["tokens"]` [b, s]; the
+        final hidden states come from the same forward (the LM head's captured input)."""
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"micro-batch lacks {', '.join(missing)} (the data stream's micro-batch format)")
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        step = self.step_index
         num_groups = int(batch["num_groups"])
-        labels = batch["labels"].reshape(-1)
-        mask = batch["loss_mask"].reshape(-1)
-        group_ids = batch["group_id"].reshape(-1)
-        flat_logits = logits.reshape(-1, logits.shape[-1])
+        labels, mask, group_ids = (batch[k].reshape(-1) for k in ("labels", "loss_mask", "group_id"))
         hidden = None
         if self._capture is not None:
             captured = self._capture.pop()
-            hidden = captured.reshape(-1, captured.shape[-1])
-        weights = self.core.group_weights(hidden, group_ids, batch["position"].reshape(-1), num_groups, step,
-                                          self._static_scores(batch))
+            hidden = captured.reshape(-1, captured.shape[-1])  # [b*s, H], the token order of the batch tensors
+        weights = self.core.group_weights(hidden, group_ids, batch["position"].reshape(-1), num_groups,
+                                          self.step_index, self._static_scores(batch))
+        flat_logits = logits.reshape(-1, logits.shape[-1])
         if self.cfg.enabled:
-            terms = self.core.loss(flat_logits, labels, mask, group_ids, weights.weights, step=step,
+            terms = self.core.loss(flat_logits, labels, mask, group_ids, weights.weights, step=self.step_index,
                                    num_contributions=self.gas * self.world)
-            loss, normaliser, token_loss, applied = terms.loss_sum, terms.normaliser, terms.token_loss, terms.weights
-            loss_sum = loss.detach()
         else:
-            token_loss = plain_token_loss(flat_logits, labels)
-            masked = mask.float()
-            normaliser = masked.sum()
-            loss_sum = (token_loss.detach() * masked).sum()
-            loss = (token_loss * masked).sum() / normaliser
-            token_loss, applied = token_loss.detach(), weights.weights
-        self._totals += torch.stack([normaliser.detach().double(), loss_sum.double(), mask.sum().double()])
-        self._add_stats(batch, token_loss, mask, group_ids, num_groups, applied, weights.scores)
+            terms = _plain_terms(flat_logits, labels, mask, weights.weights)
+        self._totals += torch.stack([terms.normaliser.detach().double(), terms.loss_sum.detach().double(),
+                                     mask.sum().double()])
+        self._add_stats(batch, terms.token_loss, mask, group_ids, num_groups, terms.weights, weights.scores)
         self._micro += 1
-        return loss
+        # ADAPT on: the weighted sum (normalised at the step); off: the plain micro-batch mean
+        return terms.loss_sum if self.cfg.enabled else terms.loss_sum / terms.normaliser
 
     def _static_scores(self, batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
         for key in STATIC_SCORE_KEYS.get(self.cfg.signal, ()):
@@ -381,6 +374,15 @@ class DeepSpeedAdapt:
         if self.world > 1:
             dist.all_reduce(out, op=op, group=self.group)
         return out.to(tensor.device)
+
+
+def _plain_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
+                 weights: torch.Tensor) -> LossTerms:
+    """ADAPT off: the masked cross-entropy sum and the masked token count, whose ratio is what a
+    plain DeepSpeed loop backpropagates (the micro-batch's masked mean)."""
+    token_loss = plain_token_loss(logits, labels)
+    mask = loss_mask.float()
+    return LossTerms((token_loss * mask).sum(), mask.sum().detach(), token_loss.detach(), weights.detach())
 
 
 def _weight_range(cfg: AdaptConfig) -> tuple[float, float]:
