@@ -159,6 +159,9 @@ class DeepSpeedAdapt:
             raise ConfigError("the DeepSpeed ADAPT path supports data parallelism (ZeRO) only, not sequence parallelism")
         self.group = engine.data_parallel_group
         self.world = int(engine.dp_world_size)
+        # what DeepSpeed divides the summed gradients by: the DP size ("gradient_allreduce_op": "mean",
+        # the default) or 1 ("sum")
+        self._reduce_divisor = self.world if getattr(engine, "gradient_average", True) else 1
         self.device = engine.device
         self.gas = int(engine.gradient_accumulation_steps())
         self.domains = list(domains)
@@ -308,7 +311,7 @@ class DeepSpeedAdapt:
         own_norm = None
         if self._divisor is not None:
             # S == 0: every weight in the global batch is 0, so is the gradient; divide by 1 (no NaN)
-            own_norm = self._divisor.step(normaliser / self.world if normaliser > 0 else 1.0)
+            own_norm = self._divisor.step(normaliser / self._reduce_divisor if normaliser > 0 else 1.0)
         else:
             self.engine.step()
         self.core.end_step(self._reduce_sum, self._reduce_max)

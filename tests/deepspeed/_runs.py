@@ -39,6 +39,7 @@ def _engine(init: dict[str, torch.Tensor], job: dict[str, Any], world: int, gas:
     model.load_state_dict(init)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     config = ds_config(job["stage"], job["clip"], world, gas, job.get("bf16", False))
+    config.update(job.get("extra_config", {}))
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 

@@ -61,6 +61,8 @@ def runs(ds_data_dir):
     jobs += [{"kind": "plain", "stage": s, "clip": CLIP} for s in STAGES]
     jobs += [{"kind": "adapt", "stage": s, "clip": CLIP, "adapt": _runs.ADAPT, "bf16": True} for s in BF16_STAGES]
     jobs += [{"kind": "refused", "stage": 0, "clip": CLIP, "adapt": _runs.ADAPT, "bf16": True}]
+    jobs += [{"kind": "adapt", "stage": 1, "clip": CLIP, "adapt": _runs.ADAPT,
+              "extra_config": {"gradient_allreduce_op": "sum"}}]
     variants = [{"kind": "adapt", "stage": VARIANT_STAGE, "clip": CLIP, "adapt": a} for a in VARIANTS.values()]
     per_rank = [_runs.decode(b) for b in run_distributed(_runs.run_jobs, WORLD, jobs + variants, init, steps,
                                                          anchors, timeout=900)]
@@ -79,7 +81,8 @@ def runs(ds_data_dir):
             "off": {s: [r[n + i] for r in per_rank] for i, s in enumerate(STAGES)},
             "plain": {s: [r[2 * n + i] for r in per_rank] for i, s in enumerate(STAGES)},
             "bf16": {s: [r[3 * n + i] for r in per_rank] for i, s in enumerate(BF16_STAGES)},
-            "refused": [r[len(jobs) - 1] for r in per_rank],
+            "refused": [r[len(jobs) - 2] for r in per_rank],
+            "summed": [r[len(jobs) - 1] for r in per_rank],
             "variants": {name: ([r[len(jobs) + i] for r in per_rank], one_rank[i]) for i, name in enumerate(VARIANTS)}}
 
 
@@ -103,6 +106,13 @@ def test_two_ranks_two_micro_steps_equal_one_process(runs, stage):
             assert got == pytest.approx(want, rel=SCALAR_TOL)
     first, second = runs["adapt"][stage]
     assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
+
+
+def test_summed_gradient_reduction_is_normalised_too(runs):
+    """DeepSpeed's "gradient_allreduce_op": "sum" (stages 0-2) sums instead of averaging over ranks."""
+    for out in runs["summed"]:
+        assert _max_update_error(out["params"], runs["ref"]["params"], runs["init"]) < UPDATE_TOL
+        assert out["grad_norms"] == pytest.approx(runs["ref"]["grad_norms"], rel=SCALAR_TOL)
 
 
 @pytest.mark.parametrize("stage", STAGES)
