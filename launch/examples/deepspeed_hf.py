@@ -37,9 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--adapt", nargs="*", default=["enabled=true", "refresh_interval=10"], metavar="KEY=VALUE",
-                   help="the `adapt` section as key=value (default: enabled=true refresh_interval=10); "
-                        "`--adapt enabled=false` is plain DeepSpeed training")
+    p.add_argument("--adapt", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="keys of the `adapt` section, on top of --config's section or, without --config, of "
+                        "enabled=true refresh_interval=10; `--adapt enabled=false` is plain DeepSpeed training")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
 
@@ -59,7 +59,7 @@ def deepspeed_config(args: argparse.Namespace, world: int) -> tuple[dict[str, An
                   "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.1, "torch_adam": True}},
                   "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage},
                   "bf16": {"enabled": args.bf16}, "steps_per_print": 10 ** 9}
-        adapt = {}
+        adapt = {"enabled": True, "refresh_interval": 10}
     for item in args.adapt:  # values parsed as YAML scalars: true, 0.5, 10
         key, _, value = item.partition("=")
         adapt[key] = yaml.safe_load(value)
