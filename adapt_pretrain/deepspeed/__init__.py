@@ -1,6 +1,6 @@
-"""DeepSpeed integration: the launcher environment (`launcher`) and ADAPT inside a user's own
-DeepSpeed engine loop (`engine.DeepSpeedAdapt`, imported lazily so the launcher does not import
-deepspeed)."""
+"""DeepSpeed integration: the launcher environment (`launcher`; our megatron-core trainer uses
+deepspeed as its launcher only) and ADAPT inside a user's own DeepSpeed engine loop around a
+Hugging Face causal LM (`engine.DeepSpeedAdapt`, imported lazily: the launcher needs no deepspeed)."""
 from typing import Any
 
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
