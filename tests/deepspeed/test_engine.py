@@ -7,8 +7,8 @@ plain float64 torch, one process, on the same global batch (the 4 micro-batches 
 
 Tolerances: DeepSpeed trains in float32, the reference in float64, so the gap is float32 rounding:
 the weights are stored in float32 (ulp 1.2e-7 at |w| = 1, ~3e-6 of the ~0.04 largest update) and
-forward/backward round at ~1e-7 relative. Measured: update error 3.1e-6 of the largest update,
-loss within 6e-8 and grad norm within 6.2e-7 relative. The checks allow 2e-5 on updates and 2e-6
+forward/backward round at ~1e-7 relative. Measured: update error 3.7e-6 of the largest update,
+loss within 3e-8 and grad norm within 3e-7 relative. The checks allow 2e-5 on updates and 2e-6
 on loss and grad norm; the bugs this guards against move the update by 5e-2 (anchors not
 all-reduced) to 0.13 (per-micro-step normaliser).
 ADAPT off must be plain DeepSpeed training bit for bit (the same float32 operations).
@@ -23,16 +23,21 @@ from tests.distributed_helper import run_distributed
 
 STAGES = (0, 1, 2, 3)
 BF16_STAGES = (1, 2, 3)
-# Policies whose step-end state is reduced over the ranks (running score statistics, LinUpper's loss
-# range): 2 ranks x 2 micro-steps must equal 1 rank x 4 micro-steps of the same engine code.
-VARIANTS = {"bm25-standardized": {"enabled": True, "signal": "bm25", "standardize": True, "tau": 0.5},
-            "linupper": {"enabled": True, "policy": "linupper", "linupper_r": 0.3}}
-VARIANT_STAGE = 2
 WORLD = 2
 STEPS = 2
 CLIP = 0.4  # below the gradient norm (~0.62) of both steps: the clipping must see the normalised gradient
 UPDATE_TOL = 2e-5
 SCALAR_TOL = 2e-6
+# Policies whose step-end state is reduced over the ranks (running score statistics, LinUpper's loss
+# range): 2 ranks x 2 micro-steps must equal 1 rank x 4 micro-steps of the same engine code, with
+# the update tolerance below. The two layouts sum gradients in different orders, so the step-2
+# losses differ by float32 rounding (measured 1e-8 relative). LinUpper's weight is exp of a min-max
+# normalised group loss, steep in the loss: that rounding reaches the step-2 update amplified
+# (measured 5.0e-6 of its scale; 2.2e-5 with linupper_r=0.3), hence 1e-4 for it. Not reducing the
+# step-end state over the ranks moves the update by 0.1 to 0.3.
+VARIANTS = {"bm25-standardized": ({"enabled": True, "signal": "bm25", "standardize": True, "tau": 0.5}, UPDATE_TOL),
+            "linupper": ({"enabled": True, "policy": "linupper"}, 1e-4)}
+VARIANT_STAGE = 2
 
 
 def _micro_batches(data_dir: str) -> tuple[list, list]:
@@ -63,7 +68,7 @@ def runs(ds_data_dir):
     jobs += [{"kind": "refused", "stage": 0, "clip": CLIP, "adapt": _runs.ADAPT, "bf16": True}]
     jobs += [{"kind": "adapt", "stage": 1, "clip": CLIP, "adapt": _runs.ADAPT,
               "extra_config": {"gradient_allreduce_op": "sum"}}]
-    variants = [{"kind": "adapt", "stage": VARIANT_STAGE, "clip": CLIP, "adapt": a} for a in VARIANTS.values()]
+    variants = [{"kind": "adapt", "stage": VARIANT_STAGE, "clip": CLIP, "adapt": a} for a, _ in VARIANTS.values()]
     per_rank = [_runs.decode(b) for b in run_distributed(_runs.run_jobs, WORLD, jobs + variants, init, steps,
                                                          anchors, timeout=900)]
     one_rank_steps = [[[b for rank in range(WORLD) for b in steps[rank][k]] for k in range(STEPS)]]
@@ -145,7 +150,7 @@ def test_bf16_zero_stages_follow_the_reference(runs, stage):
     """bf16 (forward and gradients in bf16, fp32 master weights): the same normaliser, at bf16 precision.
 
     bf16 keeps 8 bits of mantissa (relative rounding 2^-9 = 2e-3 per operation); measured: loss within
-    1e-5, grad norm within 1.7e-3, fp32 master-weight update within 8.3e-3 of the largest update.
+    2e-5, grad norm within 3.5e-4, fp32 master-weight update within 8.5e-3 of the largest update.
     Checked at 1e-4 (loss), 5e-3 (grad norm) and 3e-2 (update); a per-micro-step normaliser moves the
     update by 0.13, a missing all-reduce of S over the ranks by 0.09.
     """
@@ -169,11 +174,12 @@ def test_unsupported_optimizer_wrapper_is_refused(runs):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_reduced_step_state_matches_one_rank(runs, variant):
     """Running score statistics and LinUpper's loss range are reduced over the ranks at the step end:
-    2 ranks x 2 micro-steps equal 1 rank x 4 micro-steps (float32 both: the same tolerances)."""
+    2 ranks x 2 micro-steps equal 1 rank x 4 micro-steps (float32 both; tolerances at VARIANTS)."""
     two_ranks, one = runs["variants"][variant]
+    tolerance = VARIANTS[variant][1]
     for out in two_ranks:
         err = _max_update_error(out["params"], {k: v.double() for k, v in one["params"].items()}, runs["init"])
-        assert err < UPDATE_TOL, f"{variant}: parameter update off by {err:.2e} of its scale"
+        assert err < tolerance, f"{variant}: parameter update off by {err:.2e} of its scale"
         for got, want in zip(out["losses"], one["losses"]):
             assert got == pytest.approx(want, rel=SCALAR_TOL)
     weights = one["metrics"]
