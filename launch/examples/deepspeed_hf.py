@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     env = read_dist_env(local_rank)
     configure_threads(env)
     init_distributed(env)  # NCCL on GPUs, gloo on CPU; deepspeed.initialize then uses this group
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))  # deepspeed wants it; a plain `python` run lacks it
     world = torch.distributed.get_world_size()
 
     manifest = Manifest.load(args.data_dir)
