@@ -1,26 +1,32 @@
 """adapt-pretrain: online ADAPT data reweighting for megatron-core pretraining."""
 from setuptools import setup
 
-# torch must be installed first with `pip install torch==2.13.0` (see README): letting pip resolve
-# torch on its own downloads a multi-GB CUDA build on CPU machines.
+# Compatible ranges, so the package installs into an existing stack (an NGC or cluster image with its
+# own torch) without replacing it. The tested set is constraints.txt, which launch/install.sh and CI
+# use (`pip install -c constraints.txt ...`); the README states the supported range.
+# torch must be installed first (launch/install.sh does, pinned by constraints.txt): letting pip
+# resolve torch on its own downloads a multi-GB CUDA build on CPU machines.
 INSTALL_REQUIRES = [
-    "torch==2.13.0",
-    "triton==3.7.1",
-    "megatron-core==0.16.1",
-    "deepspeed==0.19.8",
-    "webdataset==1.0.2",
-    "wandb==0.31.0",
+    "torch>=2.6",                  # megatron-core 0.16's own floor
+    "triton>=3.2",                 # the one a torch >= 2.6 CUDA build brings; CPU runs use the torch reference
+    "megatron-core>=0.15.3,<0.17",
+    "deepspeed>=0.19,<0.20",
+    "webdataset>=1.0,<2",
+    "wandb>=0.17,<1",
     "tokenizers>=0.20",
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "numpy>=1.24",
 ]
+# transformers: the DeepSpeed engine path's tests and example (a Hugging Face causal LM); the
+# adapter itself only needs the model's output layer, so it is not an install requirement.
+TEST_REQUIRES = ["pytest>=7", "hypothesis>=6", "transformers>=5,<6"]
 
 setup(
     name="adapt-pretrain",
     version="0.1.0",
-    description="Online ADAPT data reweighting for large-scale LLM pretraining (megatron-core + deepspeed)",
+    description="Online ADAPT data reweighting for large-scale LLM pretraining (megatron-core, DeepSpeed)",
     packages=[
         "adapt_pretrain",
         "adapt_pretrain.core",
@@ -38,6 +44,6 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": TEST_REQUIRES, "hf": ["transformers>=5,<6"]},
     entry_points={"console_scripts": ["adapt-pretrain=adapt_pretrain.cli:main"]},
 )
