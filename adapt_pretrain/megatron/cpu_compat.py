@@ -9,7 +9,8 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
    `optimizer.clip_grads` and `optimizer.optimizer` (norm / overflow scalars), `utils`
    (GlobalMemoryBuffer used by the local attention's baddbmm), `transformer.utils` (default
    causal mask), `tensor_parallel.mappings` and `tensor_parallel.layers` (sequence-parallel
-   gather/scatter buffers, forward and backward). We do NOT install a
+   gather/scatter buffers, forward and backward), `models.common.embeddings.rotary_pos_embedding`
+   (RoPE moves its inverse frequencies to `torch.cuda.current_device()` in every forward). We do NOT install a
    global TorchFunctionMode (it would tax every op of the hot path); instead each of those modules'
    global name `torch` is replaced by a thin proxy whose factory functions map a CUDA device to CPU
    and whose `torch.cuda.current_device()` / `synchronize()` are CPU-safe. Everything else is the
@@ -55,6 +56,7 @@ _PATCHED_MODULES = (
     "megatron.core.transformer.utils",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
