@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "numpy>=1.24",
+    "safetensors>=0.4",  # `adapt-pretrain export` writes Hugging Face checkpoints
 ]
 
 setup(
@@ -38,6 +39,7 @@ setup(
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    # transformers: the export test loads the exported checkpoint with LlamaForCausalLM (tested: 5.24.0)
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "transformers==5.24.0"]},
     entry_points={"console_scripts": ["adapt-pretrain=adapt_pretrain.cli:main"]},
 )

@@ -30,6 +30,9 @@ from torch import nn
 
 from adapt_pretrain.megatron.model import unwrap
 
+# inside a checkpoint's step directory: the sharded model/optimiser state and the run state files
+SHARDED_SUBDIR = "model"
+RUN_STATE_SUBDIR = "run"
 # keys of the top-level state dict handed to dist_checkpointing
 SCHEDULER_KEY = "scheduler"
 OPTIMIZER_KEY = "optimizer"
@@ -219,6 +222,14 @@ class ShardedCheckpointer:
         load_sharded(directory, chunks, optimizer, scheduler, load_optimizer)
 
 
+def sharded_dir(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, SHARDED_SUBDIR)
+
+
+def run_state_dir(checkpoint_dir: str) -> str:
+    return os.path.join(checkpoint_dir, RUN_STATE_SUBDIR)
+
+
 def is_sharded_checkpoint(directory: str) -> bool:
     """True when `directory` holds a complete dist_checkpointing checkpoint (its metadata is
     written last, after every shard)."""
@@ -256,5 +267,6 @@ def load_sharded(directory: str, chunks: list[nn.Module], optimizer: Any = None,
         optimizer.reload_model_params()  # bf16: refresh the fp32 main copies from the loaded weights
 
 
-__all__ = ["ShardedCheckpointError", "ShardedCheckpointOptions", "ShardedCheckpointer", "is_sharded_checkpoint",
-           "load_sharded", "model_sharded_state_dict"]
+__all__ = ["RUN_STATE_SUBDIR", "SHARDED_SUBDIR", "ShardedCheckpointError", "ShardedCheckpointOptions",
+           "ShardedCheckpointer", "is_sharded_checkpoint", "load_sharded", "model_sharded_state_dict", "run_state_dir",
+           "sharded_dir"]
