@@ -76,8 +76,20 @@ def save_under_tp2(rank: int, world_size: int, root: str, data_dir: str) -> dict
     return out if rank == 0 else None
 
 
-def export_all(rank: int, world_size: int, root: str) -> dict:
-    from adapt_pretrain.export import export_checkpoint, find_step_checkpoint
+def eval_windows() -> torch.Tensor:
+    """[2, SEQ + 1] windows whose inputs are `tokens()` (the eval path predicts column t + 1 from t)."""
+    x = tokens()
+    return torch.cat([x, x[:, :1]], dim=1)
 
-    return {v: export_checkpoint(find_step_checkpoint(os.path.join(root, v), None), os.path.join(root, v, "hf"))
-            for v in VARIANTS}
+
+def export_and_evaluate(rank: int, world_size: int, root: str) -> dict:
+    """Export every variant, and compute `adapt-pretrain eval`'s per-token losses from its checkpoint."""
+    from adapt_pretrain.export import export_checkpoint, find_step_checkpoint
+    from adapt_pretrain.methods.modelpass import load_run_model, token_losses
+
+    out = {}
+    for v in VARIANTS:
+        summary = export_checkpoint(find_step_checkpoint(os.path.join(root, v), None), os.path.join(root, v, "hf"))
+        losses = token_losses(load_run_model(os.path.join(root, v)), eval_windows().numpy())
+        out[v] = {"summary": summary, "eval_losses": torch.from_numpy(losses)}
+    return out

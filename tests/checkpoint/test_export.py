@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adapt_pretrain.export import ExportError, unsupported_options
-from tests.checkpoint._export_workers import VARIANTS, export_all, model_cfg, save_under_tp2, tokens
+from tests.checkpoint._export_workers import (VARIANTS, eval_windows, export_and_evaluate, model_cfg, save_under_tp2,
+                                              tokens)
 from tests.distributed_helper import run_distributed
 
 transformers = pytest.importorskip("transformers")
@@ -22,13 +23,13 @@ transformers = pytest.importorskip("transformers")
 def exported(tmp_path_factory, prepared):
     root = str(tmp_path_factory.mktemp("export"))
     logits = run_distributed(save_under_tp2, 2, root, prepared, timeout=600)[0]
-    summaries = run_distributed(export_all, 1, root, timeout=600)[0]
-    return root, logits, summaries
+    results = run_distributed(export_and_evaluate, 1, root, timeout=600)[0]
+    return root, logits, results
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_transformers_logits_equal_megatron_forward(exported, variant):
-    root, logits, summaries = exported
+    root, logits, results = exported
     out = os.path.join(root, variant, "hf")
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(os.listdir(out))
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -39,7 +40,18 @@ def test_transformers_logits_equal_megatron_forward(exported, variant):
     diff = float((got - want).abs().max())
     assert diff < 1e-4, f"{variant}: max |logit difference| {diff:.2e}"
     assert float(want.std()) > 0.1  # the comparison is not between near-constant logits
-    assert summaries[variant]["layout"]["tp"] == 2
+    assert results[variant]["summary"]["layout"]["tp"] == 2
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_eval_reads_a_tp2_checkpoint(exported, variant):
+    """`adapt-pretrain eval`'s model loading (one process, TP 1) on the TP 2 checkpoint: its per-token
+    losses equal cross-entropy of the TP 2 model's own logits."""
+    root, logits, results = exported
+    labels = eval_windows()[:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[variant].reshape(-1, logits[variant].shape[-1]),
+                                             labels.reshape(-1), reduction="none").reshape(labels.shape)
+    torch.testing.assert_close(results[variant]["eval_losses"], want, rtol=0, atol=1e-5)
 
 
 def test_tokenizer_loads_with_auto_tokenizer(exported, prepared):
