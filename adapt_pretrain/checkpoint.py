@@ -1,14 +1,18 @@
-"""Atomic, resumable checkpoints: every rank's full state, plus the config and layout they belong to.
+"""Atomic, resumable checkpoints: the run's state, plus the config and layout it belongs to.
 
 Layout on disk (`run_dir` must be on a filesystem every node sees):
     checkpoints/step_000040/meta.json        step, config, parallel layout (rank 0)
-    checkpoints/step_000040/rank_00000.pt    that rank's model chunks, optimiser, scheduler, RNG,
-                                             data-loader state, ADAPT engine state, loop counters
+    checkpoints/step_000040/model/           model chunks, optimiser, scheduler: a sharded megatron
+                                             checkpoint, readable by any layout (megatron/dist_ckpt.py)
+    checkpoints/step_000040/run/             ADAPT engine, data cursors, RNG, loop counters
+                                             (megatron/run_state.py)
     checkpoints/latest                       name of the newest complete checkpoint
-A checkpoint is written into `step_N.tmp/` and renamed only after every rank has finished, so a crash
-mid-save leaves the previous checkpoint intact and `latest` never points at a partial one.
-Resuming compares the saved config and layout with the current ones and refuses any difference that
-would silently change the run (different model, data, batch, layout), naming each field.
+What goes into a step directory is the writer's business (`write_rank_state`); legacy checkpoints
+held one `rank_NNNNN.pt` per rank instead. A checkpoint is written into `step_N.tmp/` and renamed
+only after every rank has finished, so a crash mid-save leaves the previous checkpoint intact and
+`latest` never points at a partial one. Resuming compares the saved config and layout with the
+current ones and refuses any difference that would silently change the run (different model, data,
+global batch), naming each field; the parallel layout itself may change.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -32,7 +36,13 @@ SAFE_TO_CHANGE = (
     "train.steps", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.stop_at_step", "train.progress_bar", "train.max_nonfinite_in_row", "train.run_dir",
     "wandb.", "data.prefetch_factor", "data.verify_checksums", "data.data_dir", "prepare.",
+    # the layout: model and optimiser are resharded, the data stream is redistributed; what must
+    # stay is the global batch, checked separately (`layout_problems`)
+    "parallel.", "data.num_workers", "train.global_batch_size", "train.gradient_accumulation_steps",
 )
+# A rank's state: a dict saved as its own file (legacy), or a collective writer that every rank calls
+# with the temporary step directory and that returns the names of the files it wrote.
+RankState = Union[dict[str, Any], Callable[[str], list[str]]]
 
 
 class CheckpointError(RuntimeError):
@@ -87,14 +97,28 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: str, step: int, rank_state: dict[str, Any], meta: dict[str, Any], rank: int,
+def write_rank_state(directory: str, rank: int, rank_state: RankState) -> list[str]:
+    """Write this rank's part of a checkpoint into `directory`; returns the names of the files written.
+
+    The only function that knows how a rank's state becomes files."""
+    if callable(rank_state):
+        return list(rank_state(directory))
+    path = os.path.join(directory, rank_file(rank))
+    torch.save(rank_state, path + ".part")
+    os.replace(path + ".part", path)
+    return [rank_file(rank)]
+
+
+def save_checkpoint(root: str, step: int, rank_state: RankState, meta: dict[str, Any], rank: int,
                     barrier: Callable[[], None], keep: int = 2,
-                    all_ok: Callable[[bool], bool] | None = None) -> str:
+                    all_ok: Callable[[bool], bool] | None = None, expected: Sequence[str] | None = None) -> str:
     """Collectively save `rank_state` of every rank for `step`; returns the final directory.
 
     Every rank must call this (it synchronises with `barrier`). Rank 0 owns the directory moves.
     `all_ok(flag)` (an all-reduce of "did my part work") lets every rank learn that some rank failed
     to write, so all of them raise instead of the healthy ones waiting forever at the next barrier.
+    `expected`: files (relative to the step directory) that must exist before the commit; default:
+    every rank's file of the legacy format.
     """
     def agree(ok: bool) -> bool:  # synchronises like a barrier, and tells every rank whether all succeeded
         if all_ok is not None:
@@ -115,20 +139,20 @@ def save_checkpoint(root: str, step: int, rank_state: dict[str, Any], meta: dict
     barrier()
     if not error:
         try:
-            path = os.path.join(tmp, rank_file(rank))
-            torch.save(rank_state, path + ".part")
-            os.replace(path + ".part", path)
+            write_rank_state(tmp, rank, rank_state)
         except (OSError, RuntimeError) as exc:
-            error = f"rank {rank} cannot write its checkpoint file into {tmp}: {exc}"
+            error = f"rank {rank} cannot write its checkpoint files into {tmp}: {exc}"
     if not agree(not error):
         raise CheckpointError(error or f"another rank failed to write checkpoint step {step} (see its log); "
                                        "the previous checkpoint is intact")
     if rank == 0:
         try:
-            world = int(meta["layout"]["world_size"])
-            missing = [r for r in range(world) if not os.path.exists(os.path.join(tmp, rank_file(r)))]
+            if expected is None:
+                expected = [rank_file(r) for r in range(int(meta["layout"]["world_size"]))]
+            missing = [name for name in expected if not os.path.exists(os.path.join(tmp, name))]
             if missing:
-                raise CheckpointError(f"ranks {missing} did not write into {tmp}: is run_dir on a shared filesystem?")
+                raise CheckpointError(f"{', '.join(missing[:8])} missing in {tmp} after every rank wrote: "
+                                      "is run_dir on a shared filesystem?")
             _atomic_write_text(os.path.join(tmp, "meta.json"),
                                json.dumps({**meta, "step": step, "format": FORMAT_VERSION, "time": time.time()},
                                           indent=1, sort_keys=True, default=str))
@@ -206,15 +230,34 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     return lines
 
 
+def global_batch(layout: dict[str, Any]) -> int | None:
+    """Sequences per optimiser step over all data-parallel ranks."""
+    try:
+        return int(layout["dp"]) * int(layout["num_microbatches"]) * int(layout["micro_batch_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def layout_problems(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """A layout change is safe (resharded model and optimiser, redistributed data) unless the global
+    batch changes: the optimiser would then take other steps than the saved run."""
+    before, after = global_batch(saved), global_batch(now)
+    if before == after:
+        return []
+    return [f"the global batch changed: {before} sequences per step (checkpoint: dp={saved.get('dp')} x "
+            f"{saved.get('num_microbatches')} micro-batches x {saved.get('micro_batch_size')}) -> {after} (now: "
+            f"dp={now.get('dp')} x {now.get('num_microbatches')} x {now.get('micro_batch_size')}); set "
+            f"train.global_batch_size={before} to keep it with another data-parallel size"]
+
+
+def same_layout(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    keys = ("world_size", "tp", "pp", "vp", "dp")
+    return all(saved.get(k) == now.get(k) for k in keys)
+
+
 def check_resume_compatible(meta: dict[str, Any], config: dict[str, Any], layout: dict[str, Any]) -> None:
     """Raise CheckpointError naming every unsafe change between the checkpoint and this run."""
-    problems: list[str] = []
-    saved_layout = meta.get("layout", {})
-    layout_diff = [f"  {k}: {saved_layout.get(k)!r} (checkpoint) -> {layout.get(k)!r} (now)"
-                   for k in sorted(set(saved_layout) | set(layout)) if saved_layout.get(k) != layout.get(k)]
-    if layout_diff:
-        problems.append("the parallel layout changed (model and optimiser shards, data order and micro-batch "
-                        "split depend on it; resharding is not supported):\n" + "\n".join(layout_diff))
+    problems: list[str] = layout_problems(meta.get("layout", {}), layout)
     cfg_diff = config_differences(meta.get("config", {}), config)
     if cfg_diff:
         problems.append("the config changed in fields that alter the run:\n" + "\n".join(cfg_diff))
@@ -226,4 +269,5 @@ def check_resume_compatible(meta: dict[str, Any], config: dict[str, Any], layout
 
 
 __all__ = ["CheckpointError", "SAFE_TO_CHANGE", "save_checkpoint", "find_checkpoint", "read_meta",
-           "load_rank_state", "check_resume_compatible", "config_differences", "rng_state", "set_rng_state"]
+           "load_rank_state", "check_resume_compatible", "config_differences", "layout_problems", "rng_state",
+           "same_layout", "set_rng_state", "write_rank_state"]

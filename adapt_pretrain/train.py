@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, load_rank_state,
-                                       read_meta, rng_state, save_checkpoint, set_rng_state)
+from adapt_pretrain.checkpoint import (CheckpointError, check_resume_compatible, find_checkpoint, read_meta, rng_state,
+                                       same_layout, save_checkpoint, set_rng_state)
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
@@ -191,15 +191,29 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "layout": self.layout, "domains": self.domains}
+        return {"config": self.cfg.to_dict(), "layout": self.layout, "domains": self.domains, "state": "sharded"}
 
-    def _rank_state(self) -> dict[str, Any]:
-        return {"step_fn": self.step_fn.state_dict(), "engine": self.engine.state_dict(),
-                "data": self.loader.state_dict(), "rng": rng_state(), "loop": dataclasses.asdict(self.state)}
+    def _parts(self) -> Any:
+        from adapt_pretrain.megatron.run_state import TrainerParts
+
+        return TrainerParts(self.chunks, self.optimizer, self.scheduler, self.engine, self.loader, self.info)
+
+    def _write_state(self, directory: str) -> list[str]:
+        """Collective: this step's whole state into `directory` (see megatron/run_state.py)."""
+        from adapt_pretrain.megatron.dist_ckpt import ShardedCheckpointer
+        from adapt_pretrain.megatron.run_state import save_trainer_state
+
+        if getattr(self, "_checkpointer", None) is None:
+            self._checkpointer = ShardedCheckpointer()
+        return save_trainer_state(directory, self._parts(), dataclasses.asdict(self.state), rng_state(),
+                                  self._checkpointer)
 
     def save(self) -> str:
-        return save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
-                               _barrier, keep=self.cfg.train.keep_checkpoints, all_ok=self._all_ok)
+        from adapt_pretrain.megatron.run_state import checkpoint_files
+
+        return save_checkpoint(self.ckpt_root, self.state.step, self._write_state, self._meta(), self.info.rank,
+                               _barrier, keep=self.cfg.train.keep_checkpoints, all_ok=self._all_ok,
+                               expected=checkpoint_files(self.info.world_size, self.info.dp_size))
 
     def _all_ok(self, ok: bool) -> bool:
         """True on every rank only if `ok` is True on every rank (a MIN all-reduce)."""
@@ -218,23 +232,38 @@ class Trainer:
                 print(f"[adapt-pretrain] --resume: no checkpoint in {self.ckpt_root}; starting from step 0", flush=True)
             return
         meta = read_meta(path)
+        self._require_sharded(path)
         check_resume_compatible(meta, self.cfg.to_dict(), self.layout)
-        state = load_rank_state(path, self.info.rank)
         try:
-            self.step_fn.load_state_dict(state["step_fn"])
-            self.engine.load_state_dict(state["engine"])
-            self.loader.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
-            self.state = LoopState(**state["loop"])
+            from adapt_pretrain.megatron.run_state import load_trainer_state
+
+            restore_rng = same_layout(meta.get("layout", {}), self.layout)
+            loop, rng = load_trainer_state(path, self._parts(), restore_rng)
+            if rng is not None:
+                set_rng_state(rng)
+            elif self.info.rank == 0:
+                print(f"[adapt-pretrain] resuming with another layout ({meta.get('layout')} -> {self.layout}): "
+                      "model and optimiser resharded, data stream redistributed, RNG streams from the seed", flush=True)
+            self.state = LoopState(**loop)
         except DataError:
             raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
             raise CheckpointError(f"cannot load {path}: it was written by an incompatible version of the trainer "
                                   f"or its parts ({type(exc).__name__}: {exc}). Start a new run_dir, or resume with "
                                   "the version that wrote it.") from exc
         self.resumed_from = path
         if self.info.rank == 0:
             print(f"[adapt-pretrain] resumed from {path} at step {self.state.step}", flush=True)
+
+    @staticmethod
+    def _require_sharded(path: str) -> None:
+        from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, sharded_dir
+
+        if not is_sharded_checkpoint(sharded_dir(path)):
+            raise CheckpointError(
+                f"{path} is a legacy checkpoint (one rank_NNNNN.pt per rank, written before sharded checkpoints); "
+                "this version resumes sharded checkpoints only. Resume it with the version that wrote it, or start a "
+                "new run_dir; `adapt-pretrain eval` and `export` still read it if it was written with TP = PP = 1.")
 
     # -- the loop -------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> list[dict]:

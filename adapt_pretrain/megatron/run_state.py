@@ -1,7 +1,8 @@
-"""The run state that lives beside a sharded checkpoint, written so that any layout can read it.
+"""A trainer's whole state in one checkpoint directory, written so that any layout can read it.
 
-Model and optimiser go through `dist_ckpt`; what is left is small and written once, by the ranks
-that own it (no copy per tensor- or pipeline-parallel rank):
+    model/   model chunks, optimiser, LR scheduler: a sharded checkpoint (`dist_ckpt`)
+    run/     the rest, small and written once by the ranks that own it (no copy per tensor- or
+             pipeline-parallel rank):
 
     engine.pt               ADAPT engine state (identical on every rank; rank 0 writes it) without
                             the kept unit embeddings, which are per data-parallel replica:
@@ -16,17 +17,21 @@ that own it (no copy per tensor- or pipeline-parallel rank):
     rng_rankNNNNN.pt        every rank's RNG streams; restored only when the layout is unchanged
                             (they belong to one rank's position in one layout; with dropout 0, the
                             default, nothing random happens in a step).
+    loop.json               the loop counters (identical on every rank; rank 0 writes them).
+`save_trainer_state` / `load_trainer_state` are the two calls a trainer makes.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 ENGINE_FILE = "engine.pt"
+LOOP_FILE = "loop.json"
 
 
 UNITS = ("engine_units_dp", ".pt")
@@ -73,13 +78,13 @@ def _write(path: str, obj: Any) -> None:
 
 # ----- ADAPT engine -------------------------------------------------------------------------------
 
-def save_engine(directory: str, engine: Any, rank: int, dp_rank: int, tp_rank: int, is_last_stage: bool) -> None:
+def save_engine(directory: str, engine: Any, rank: int, dp_rank: int, tp_rank: int, is_last_stage: bool) -> list[str]:
     state = engine.state_dict()
     units = state.pop("previous_units")
-    if rank == 0:
-        _write(os.path.join(directory, ENGINE_FILE), state)
-    if is_last_stage and tp_rank == 0:
-        _write(os.path.join(directory, units_file(dp_rank)), units)
+    names = ([ENGINE_FILE] if rank == 0 else []) + ([units_file(dp_rank)] if is_last_stage and tp_rank == 0 else [])
+    for name in names:
+        _write(os.path.join(directory, name), state if name == ENGINE_FILE else units)
+    return names
 
 
 def load_engine(directory: str, engine: Any, dp_rank: int, dp_size: int, is_last_stage: bool) -> None:
@@ -94,9 +99,11 @@ def load_engine(directory: str, engine: Any, dp_rank: int, dp_size: int, is_last
 
 # ----- data stream --------------------------------------------------------------------------------
 
-def save_data(directory: str, loader: Any, dp_rank: int, tp_rank: int, pp_rank: int) -> None:
-    if tp_rank == 0 and pp_rank == 0:
-        _write(os.path.join(directory, data_file(dp_rank)), loader.state_dict())
+def save_data(directory: str, loader: Any, dp_rank: int, tp_rank: int, pp_rank: int) -> list[str]:
+    if tp_rank or pp_rank:
+        return []
+    _write(os.path.join(directory, data_file(dp_rank)), loader.state_dict())
+    return [data_file(dp_rank)]
 
 
 def read_data_states(directory: str) -> list[dict[str, Any]]:
@@ -110,8 +117,9 @@ def read_data_states(directory: str) -> list[dict[str, Any]]:
 
 # ----- RNG ----------------------------------------------------------------------------------------
 
-def save_rng(directory: str, state: dict[str, Any], rank: int) -> None:
+def save_rng(directory: str, state: dict[str, Any], rank: int) -> list[str]:
     _write(os.path.join(directory, rng_file(rank)), state)
+    return [rng_file(rank)]
 
 
 def load_rng(directory: str, rank: int) -> dict[str, Any]:
@@ -120,9 +128,71 @@ def load_rng(directory: str, rank: int) -> dict[str, Any]:
 
 def expected_files(world_size: int, dp_size: int) -> list[str]:
     """Every file a complete run-state directory of this layout holds."""
-    return ([ENGINE_FILE] + [units_file(d) for d in range(dp_size)] + [data_file(d) for d in range(dp_size)]
+    return ([ENGINE_FILE, LOOP_FILE] + [units_file(d) for d in range(dp_size)] + [data_file(d) for d in range(dp_size)]
             + [rng_file(r) for r in range(world_size)])
 
 
-__all__ = ["ENGINE_FILE", "data_file", "expected_files", "load_engine", "load_rng", "read_data_states", "rng_file",
-           "save_data", "save_engine", "save_rng", "units_file"]
+# ----- the whole trainer state ----------------------------------------------------------------------
+
+@dataclass
+class TrainerParts:
+    """What a checkpoint holds of a trainer (the trainer passes its own objects)."""
+
+    chunks: list
+    optimizer: Any
+    scheduler: Any
+    engine: Any
+    loader: Any
+    info: Any  # ParallelInfo
+
+
+def checkpoint_files(world_size: int, dp_size: int) -> list[str]:
+    """Files (relative to a step directory) that prove a complete save: the sharded checkpoint's
+    metadata (written last, after every shard) and every run-state file."""
+    from adapt_pretrain.megatron.dist_ckpt import RUN_STATE_SUBDIR, SHARDED_SUBDIR
+
+    return [f"{SHARDED_SUBDIR}/metadata.json"] + [f"{RUN_STATE_SUBDIR}/{n}" for n in expected_files(world_size, dp_size)]
+
+
+def save_trainer_state(directory: str, parts: TrainerParts, loop: dict[str, Any], rng: dict[str, Any],
+                       checkpointer: Any = None) -> list[str]:
+    """Collective: write every part into `directory` (a temporary step directory). Returns the files
+    this rank wrote (rank 0 also lists the sharded checkpoint's, which several ranks wrote)."""
+    from adapt_pretrain.megatron.dist_ckpt import RUN_STATE_SUBDIR, SHARDED_SUBDIR, ShardedCheckpointer
+
+    info = parts.info
+    (checkpointer or ShardedCheckpointer()).save(os.path.join(directory, SHARDED_SUBDIR), parts.chunks,
+                                                 parts.optimizer, parts.scheduler)
+    run = os.path.join(directory, RUN_STATE_SUBDIR)
+    os.makedirs(run, exist_ok=True)
+    names = save_engine(run, parts.engine, info.rank, info.dp_rank, info.tp_rank, info.is_last_stage)
+    names += save_data(run, parts.loader, info.dp_rank, info.tp_rank, info.pp_rank)
+    names += save_rng(run, rng, info.rank)
+    if info.rank == 0:
+        _write(os.path.join(run, LOOP_FILE), loop)
+        names.append(LOOP_FILE)
+    mine = [f"{RUN_STATE_SUBDIR}/{n}" for n in names]
+    if info.rank == 0:
+        sharded = os.path.join(directory, SHARDED_SUBDIR)
+        mine += [f"{SHARDED_SUBDIR}/{n}" for n in sorted(os.listdir(sharded))]
+    return mine
+
+
+def load_trainer_state(directory: str, parts: TrainerParts, restore_rng: bool) -> tuple[dict[str, Any], Optional[dict]]:
+    """Collective: load a step directory written under any layout into `parts`; returns the loop
+    counters and this rank's RNG state (None unless `restore_rng`: the layout is unchanged)."""
+    from adapt_pretrain.megatron.dist_ckpt import RUN_STATE_SUBDIR, SHARDED_SUBDIR, load_sharded
+
+    info = parts.info
+    load_sharded(os.path.join(directory, SHARDED_SUBDIR), parts.chunks, parts.optimizer, parts.scheduler)
+    run = os.path.join(directory, RUN_STATE_SUBDIR)
+    load_engine(run, parts.engine, info.dp_rank, info.dp_size, info.is_last_stage)
+    parts.loader.load_state_dict(read_data_states(run))
+    with open(os.path.join(run, LOOP_FILE), encoding="utf-8") as fh:
+        loop = json.load(fh)
+    return loop, (load_rng(run, info.rank) if restore_rng else None)
+
+
+__all__ = ["ENGINE_FILE", "LOOP_FILE", "TrainerParts", "checkpoint_files", "data_file", "expected_files",
+           "load_engine", "load_rng", "load_trainer_state", "read_data_states", "rng_file", "save_data", "save_engine",
+           "save_rng", "save_trainer_state", "units_file"]
