@@ -127,7 +127,9 @@ def _save_strategy(options: ShardedCheckpointOptions):
 
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=options.thread_count)
     if options.fully_parallel_save and ps.get_data_parallel_world_size() > 1:
-        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group())
+        # the structure never changes between saves of one run (Adam's state is created before the
+        # first one), so the split of the writing is computed once and reused
+        strategy = FullyParallelSaveStrategyWrapper(strategy, ps.get_data_parallel_group(), do_cache_distribution=True)
     return strategy
 
 
