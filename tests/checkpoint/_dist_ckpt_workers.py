@@ -1,4 +1,4 @@
-"""Worker side of the dist_ckpt tests: asynchronous save and the fully parallel split at DP 2."""
+"""Worker side of the dist_ckpt tests (run as a job of the resharding tests' DP 2 process group)."""
 from __future__ import annotations
 
 import os
@@ -6,17 +6,12 @@ import os
 import torch
 
 
-def async_save_then_load(rank: int, world_size: int, directory: str) -> dict:
-    """DP 2: an asynchronous save (not complete before finalize), then a load into fresh weights."""
+def async_save_then_load(chunks: list, optimizer, scheduler, directory: str) -> dict:
+    """An asynchronous save (not complete before finalize), then a load over overwritten weights."""
     from adapt_pretrain.megatron.dist_ckpt import (ShardedCheckpointer, ShardedCheckpointOptions, is_sharded_checkpoint,
                                                    load_sharded)
-    from adapt_pretrain.megatron.optim import build_optimizer
     from adapt_pretrain.megatron.reshard import gather_full_state_dict, load_full_state_dict
-    from tests.checkpoint._reshard_workers import _build
-    from tests.distributed._layouts import optim_cfg
 
-    info, parallel, model, chunks = _build({}, "llama", None)
-    optimizer, scheduler = build_optimizer(chunks, optim_cfg())
     saved = gather_full_state_dict(chunks)
     done = []
     checkpointer = ShardedCheckpointer(ShardedCheckpointOptions(async_save=True))

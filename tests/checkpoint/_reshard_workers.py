@@ -5,6 +5,7 @@ groups), each returning plain tensors on rank 0:
   train_save:  layout A, ADAPT steps 0..1 from `init`, then a sharded checkpoint into `directory`
   reference:   layout B, ADAPT steps 0..3 uninterrupted (Adam moments also recorded after step 1)
   resume:      layout B, load `directory`, then steps 2..3
+  async_save:  an asynchronous save of the fresh model into `directory` and a load back (test_dist_ckpt)
 Batches and ADAPT settings are the layout tests' (tests/distributed/_layouts.py): standardised
 weights and an anchor refresh at step 2, which after a resume re-estimates the statistics from the
 unit embeddings the checkpoint carried over. Models: the layout tests' GPT (`gpt`: LayerNorm, GELU,
@@ -147,6 +148,10 @@ def run_jobs(rank: int, world_size: int, jobs: list[dict], inits: Optional[bytes
             res["at_save"] = run.snapshot()
             res["loss"] += run.steps(SAVE_AT, TOTAL)
             res["end"] = run.snapshot()
+        elif job["kind"] == "async_save":
+            from tests.checkpoint._dist_ckpt_workers import async_save_then_load
+
+            res.update(async_save_then_load(run.chunks, run.optimizer, run.scheduler, job["directory"]))
         elif job["kind"] == "resume":
             run.load(job["directory"], load_optimizer=job.get("load_optimizer", True))
             res["at_save"] = run.snapshot()
