@@ -50,10 +50,14 @@ def _kill_during_save(run_dir: str, data_dir: str, step: int) -> None:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "adapt_pretrain.train", *args(data_dir, run_dir, "train.stop_at_step=4")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    tmp = os.path.join(run_dir, "checkpoints", f"step_{step:06d}.tmp")
+    root, name = os.path.join(run_dir, "checkpoints"), f"step_{step:06d}"
     deadline = time.time() + 300
+
+    def started() -> bool:  # any directory of that step (the save's temporary one, or the final one)
+        return os.path.isdir(root) and any(entry.startswith(name) for entry in os.listdir(root))
+
     try:
-        while not os.path.isdir(tmp):
+        while not started():
             if proc.poll() is not None or time.time() > deadline:
                 raise AssertionError(f"the run ended before saving step {step}:\n{proc.stdout.read().decode()[-3000:]}")
             time.sleep(0.005)
@@ -71,7 +75,8 @@ def test_kill_during_save_then_resume_in_another_layout(demo_data_dir, tmp_path)
     run_dir = str(tmp_path / "run")
     _kill_during_save(run_dir, demo_data_dir, step=2)
     root = os.path.join(run_dir, "checkpoints")
-    assert not os.path.exists(os.path.join(root, "step_000002")), "the kill came after the commit"
+    assert not os.path.exists(os.path.join(root, "step_000002")), \
+        "step_000002 exists although its save was killed (written in place, or the kill came after the commit)"
     assert open(os.path.join(root, "latest")).read().strip() == "step_000001"
     assert os.path.isfile(os.path.join(root, "step_000001", "model", "metadata.json"))
     # the previous checkpoint loads: the same layout resumes from it and saves step 2 over the leftovers
