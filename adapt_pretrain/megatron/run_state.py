@@ -115,6 +115,18 @@ def read_data_states(directory: str) -> list[dict[str, Any]]:
     return out
 
 
+def _data_state_for(directory: str, loader: Any, dp_rank: int, dp_size: int) -> Any:
+    """This replica's own saved state when the data layout is unchanged (one file read per rank), else
+    every replica's, for the loader to redistribute."""
+    own = os.path.join(directory, data_file(dp_rank))
+    if os.path.isfile(own):
+        with open(own, encoding="utf-8") as fh:
+            state = json.load(fh)
+        if state.get("dp_size") == dp_size and state.get("num_workers") == loader.cfg.num_workers:
+            return state
+    return read_data_states(directory)
+
+
 # ----- RNG ----------------------------------------------------------------------------------------
 
 def save_rng(directory: str, state: dict[str, Any], rank: int) -> list[str]:
@@ -187,7 +199,7 @@ def load_trainer_state(directory: str, parts: TrainerParts, restore_rng: bool) -
     load_sharded(os.path.join(directory, SHARDED_SUBDIR), parts.chunks, parts.optimizer, parts.scheduler)
     run = os.path.join(directory, RUN_STATE_SUBDIR)
     load_engine(run, parts.engine, info.dp_rank, info.dp_size, info.is_last_stage)
-    parts.loader.load_state_dict(read_data_states(run))
+    parts.loader.load_state_dict(_data_state_for(run, parts.loader, info.dp_rank, info.dp_size))
     with open(os.path.join(run, LOOP_FILE), encoding="utf-8") as fh:
         loop = json.load(fh)
     return loop, (load_rng(run, info.rank) if restore_rng else None)
