@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "numpy>=1.24",
+    "safetensors>=0.4",  # `adapt-pretrain export` writes Hugging Face checkpoints
 ]
 # transformers: the DeepSpeed engine path's tests and example (a Hugging Face causal LM); the
 # adapter itself only needs the model's output layer, so it is not an install requirement.

@@ -1,8 +1,10 @@
-"""Atomic, verified, resumable checkpoints: every rank's full state, plus the config and layout they belong to.
+"""Atomic, verified, resumable checkpoints: the run's state, plus the config and layout it belongs to.
 
 Layout on disk (`run_dir` must be on a filesystem every node sees):
-    checkpoints/step_000040/rank_00000.pt    that rank's model chunks, optimiser, scheduler, RNG,
-                                             data-loader state, ADAPT engine state, loop counters
+    checkpoints/step_000040/model/           model chunks, optimiser, scheduler: a sharded megatron
+                                             checkpoint, readable by any layout (megatron/dist_ckpt.py)
+    checkpoints/step_000040/run/             ADAPT engine, data cursors, RNG, loop counters
+                                             (megatron/run_state.py)
     checkpoints/step_000040/meta.json        step, config, parallel layout (rank 0)
     checkpoints/step_000040/manifest.json    size and sha256 of every file above, written last
     checkpoints/latest                       name of the newest committed checkpoint (a hint only)
@@ -14,9 +16,12 @@ the first one whose files match their checksums on every rank, so an empty, dama
 or a damaged newest checkpoint costs at most the steps since the previous one, never the run. Nothing
 here deletes a checkpoint except `prune_checkpoints` (keep_checkpoints), which spares the pinned one.
 The integrity functions work on file lists and checksums, not on what the files hold, so they stay
-valid whatever serialises a rank's state (`write_rank_state` is the only part that knows).
+valid whatever serialises a rank's state (`write_rank_state` is the only part that knows; legacy
+checkpoints held one `rank_NNNNN.pt` per rank instead). Each file's manifest entry names the rank that
+reported it, which is the rank that verifies it on resume.
 Resuming compares the saved config and layout with the current ones and refuses any difference that
-would silently change the run (different model, data, batch, layout), naming each field.
+would silently change the run (different model, data, global batch), naming each field; the parallel
+layout itself may change.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -46,12 +51,19 @@ SAFE_TO_CHANGE = (
     "train.stop_at_step", "train.progress_bar", "train.max_nonfinite_in_row", "train.run_dir",
     "train.collective_timeout_s", "train.watchdog",
     "wandb.", "data.prefetch_factor", "data.verify_checksums", "data.data_dir", "prepare.",
+    # the layout: model and optimiser are resharded, the data stream is redistributed; what must
+    # stay is the global batch, checked separately (`layout_problems`)
+    "parallel.", "data.num_workers", "train.global_batch_size", "train.gradient_accumulation_steps",
 )
 # Fields that may change on resume only when the user names them (`--allow-change`); each change is
 # logged. The optimiser's settings change how the run continues, not what the saved state means.
 CHANGE_WITH_CONSENT = ("optim.",)
 
 Exchange = Callable[[Any], list[Any]]  # all-gather of a small picklable object over every rank
+
+# A rank's state: a dict saved as its own file (legacy), or a collective writer that every rank calls
+# with the temporary step directory and that returns the names of the files it wrote.
+RankState = Union[dict[str, Any], Callable[[str], list[str]]]
 
 
 def single_process(obj: Any) -> list[Any]:
@@ -354,11 +366,14 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_rank_state(directory: str, rank: int, rank_state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def write_rank_state(directory: str, rank: int, rank_state: RankState) -> dict[str, dict[str, Any]]:
     """Serialise this rank's state into `directory`; returns the manifest entries of the files written.
 
-    The only function that knows how a rank's state becomes files.
+    The only function that knows how a rank's state becomes files. A collective writer's files are
+    owned (verified on resume) by the rank that reports them.
     """
+    if callable(rank_state):
+        return describe_files(directory, list(rank_state(directory)), rank)
     name = rank_file(rank)
     path = os.path.join(directory, name)
     torch.save(rank_state, path + ".part")
@@ -372,14 +387,16 @@ def _raise_if_any(errors: Sequence[str], consequence: str) -> None:
         raise CheckpointError("; ".join(failed) + f". {consequence}", same_on_every_rank=True)
 
 
-def save_checkpoint(root: str, step: int, rank_state: dict[str, Any], meta: dict[str, Any], rank: int,
-                    exchange: Exchange = single_process) -> str:
+def save_checkpoint(root: str, step: int, rank_state: RankState, meta: dict[str, Any], rank: int,
+                    exchange: Exchange = single_process, expected: Sequence[str] = ()) -> str:
     """Collectively save `rank_state` of every rank for `step`; returns the final directory.
 
     Every rank must call this. `exchange` (an all-gather) synchronises the ranks and tells every one
     of them whether all succeeded, so all raise together instead of the healthy ones waiting forever
     at the next collective. Rank 0 writes meta.json, then the manifest (last), then commits.
     Pruning is the caller's decision (`prune_checkpoints`).
+    `expected`: files (relative to the step directory) that must exist before the commit, beyond
+    those the ranks reported.
     """
     final = os.path.join(root, step_dir_name(step))
     tmp = final + ".tmp"
@@ -397,23 +414,28 @@ def save_checkpoint(root: str, step: int, rank_state: dict[str, Any], meta: dict
     try:
         files = write_rank_state(tmp, rank, rank_state)
     except (OSError, RuntimeError) as exc:
-        error = f"rank {rank} cannot write its checkpoint file into {tmp}: {exc}"
+        error = f"rank {rank} cannot write its checkpoint files into {tmp}: {exc}"
     reports = exchange((error, files))
     _raise_if_any([e for e, _ in reports], intact)
     if rank == 0:
         try:
-            _commit(root, step, tmp, final, meta, {k: v for _, f in reports for k, v in f.items()})
+            _commit(root, step, tmp, final, meta, {k: v for _, f in reports for k, v in f.items()}, expected)
         except (OSError, CheckpointError) as exc:
             error = f"rank 0 cannot commit checkpoint step {step}: {exc}"
     _raise_if_any(exchange(error), intact)
     return final
 
 
-def _commit(root: str, step: int, tmp: str, final: str, meta: dict[str, Any], files: dict[str, dict]) -> None:
+def _commit(root: str, step: int, tmp: str, final: str, meta: dict[str, Any], files: dict[str, dict],
+            expected: Sequence[str] = ()) -> None:
     unseen = sorted(n for n in files if not os.path.exists(os.path.join(tmp, n)))
     if unseen:
         raise CheckpointError(f"{unseen} were written by other ranks but are not visible in {tmp}: "
                               "is run_dir on a filesystem every node sees?")
+    missing = [name for name in expected if not os.path.exists(os.path.join(tmp, name))]
+    if missing:
+        raise CheckpointError(f"{', '.join(missing[:8])} missing in {tmp} after every rank wrote: "
+                              "is run_dir on a shared filesystem?")
     _atomic_write_text(os.path.join(tmp, META),
                        json.dumps({**meta, "step": step, "format": FORMAT_VERSION, "time": time.time()},
                                   indent=1, sort_keys=True, default=str))
@@ -485,16 +507,35 @@ def consented_changes(saved: dict[str, Any], current: dict[str, Any],
             if not _matches(key, SAFE_TO_CHANGE) and _matches(key, _allowed(allow))]
 
 
+def global_batch(layout: dict[str, Any]) -> int | None:
+    """Sequences per optimiser step over all data-parallel ranks."""
+    try:
+        return int(layout["dp"]) * int(layout["num_microbatches"]) * int(layout["micro_batch_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def layout_problems(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """A layout change is safe (resharded model and optimiser, redistributed data) unless the global
+    batch changes: the optimiser would then take other steps than the saved run."""
+    before, after = global_batch(saved), global_batch(now)
+    if before == after:
+        return []
+    return [f"the global batch changed: {before} sequences per step (checkpoint: dp={saved.get('dp')} x "
+            f"{saved.get('num_microbatches')} micro-batches x {saved.get('micro_batch_size')}) -> {after} (now: "
+            f"dp={now.get('dp')} x {now.get('num_microbatches')} x {now.get('micro_batch_size')}); set "
+            f"train.global_batch_size={before} to keep it with another data-parallel size"]
+
+
+def same_layout(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    keys = ("world_size", "tp", "pp", "vp", "dp")
+    return all(saved.get(k) == now.get(k) for k in keys)
+
+
 def check_resume_compatible(meta: dict[str, Any], config: dict[str, Any], layout: dict[str, Any],
                             allow: Sequence[str] = ()) -> None:
     """Raise CheckpointError naming every unsafe change between the checkpoint and this run."""
-    problems: list[str] = []
-    saved_layout = meta.get("layout", {})
-    layout_diff = [f"  {k}: {saved_layout.get(k)!r} (checkpoint) -> {layout.get(k)!r} (now)"
-                   for k in sorted(set(saved_layout) | set(layout)) if saved_layout.get(k) != layout.get(k)]
-    if layout_diff:
-        problems.append("the parallel layout changed (model and optimiser shards, data order and micro-batch "
-                        "split depend on it; resharding is not supported):\n" + "\n".join(layout_diff))
+    problems: list[str] = layout_problems(meta.get("layout", {}), layout)
     cfg_diff = config_differences(meta.get("config", {}), config, allow)
     if cfg_diff:
         problems.append("the config changed in fields that alter the run:\n" + "\n".join(cfg_diff))
@@ -511,5 +552,6 @@ def check_resume_compatible(meta: dict[str, Any], config: dict[str, Any], layout
 __all__ = ["CheckpointError", "SAFE_TO_CHANGE", "CHANGE_WITH_CONSENT", "Selection", "save_checkpoint",
            "select_checkpoint", "find_checkpoint", "verify_checkpoint", "verify_everywhere", "read_meta",
            "load_rank_state", "check_resume_compatible", "config_differences", "consented_changes",
-           "consent_problems", "set_aside", "set_aside_all", "set_aside_newer", "pin_checkpoint",
-           "pinned_checkpoint", "prune_checkpoints", "rng_state", "set_rng_state"]
+           "consent_problems", "layout_problems", "same_layout", "set_aside", "set_aside_all", "set_aside_newer",
+           "pin_checkpoint", "pinned_checkpoint", "prune_checkpoints", "rng_state", "set_rng_state",
+           "write_rank_state"]

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from adapt_pretrain import watchdog
 from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, committed_checkpoints,
-                                       consented_changes, has_checksums, load_rank_state, pin_checkpoint,
-                                       prune_checkpoints, read_meta, rng_state, save_checkpoint, select_checkpoint,
-                                       set_aside_all, set_aside_newer, set_rng_state, step_of, verify_everywhere)
+                                       consented_changes, has_checksums, pin_checkpoint, prune_checkpoints, read_meta,
+                                       rng_state, same_layout, save_checkpoint, select_checkpoint, set_aside_all,
+                                       set_aside_newer, set_rng_state, step_of, verify_everywhere)
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
@@ -223,16 +223,29 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "layout": self.layout, "domains": self.domains}
+        return {"config": self.cfg.to_dict(), "layout": self.layout, "domains": self.domains, "state": "sharded"}
 
-    def _rank_state(self) -> dict[str, Any]:
-        return {"step_fn": self.step_fn.state_dict(), "engine": self.engine.state_dict(),
-                "data": self.loader.state_dict(), "rng": rng_state(), "loop": dataclasses.asdict(self.state)}
+    def _parts(self) -> Any:
+        from adapt_pretrain.megatron.run_state import TrainerParts
+
+        return TrainerParts(self.chunks, self.optimizer, self.scheduler, self.engine, self.loader, self.info)
+
+    def _write_state(self, directory: str) -> list[str]:
+        """Collective: this step's whole state into `directory` (see megatron/run_state.py)."""
+        from adapt_pretrain.megatron.dist_ckpt import ShardedCheckpointer
+        from adapt_pretrain.megatron.run_state import save_trainer_state
+
+        if getattr(self, "_checkpointer", None) is None:
+            self._checkpointer = ShardedCheckpointer()
+        return save_trainer_state(directory, self._parts(), dataclasses.asdict(self.state), rng_state(),
+                                  self._checkpointer)
 
     def save(self) -> str:
         """Save this step's state (collective). Pruning waits until the next step confirms it is usable."""
-        path = save_checkpoint(self.ckpt_root, self.state.step, self._rank_state(), self._meta(), self.info.rank,
-                               self._exchange)
+        from adapt_pretrain.megatron.run_state import checkpoint_files
+
+        path = save_checkpoint(self.ckpt_root, self.state.step, self._write_state, self._meta(), self.info.rank,
+                               self._exchange, expected=checkpoint_files(self.info.world_size, self.info.dp_size))
         self._prune_after_step = self.state.step
         return path
 
@@ -339,6 +352,7 @@ class Trainer:
             meta = read_meta(path)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read {path}/meta.json: {exc}", same_on_every_rank=True) from None
+        self._require_sharded(path)
         if not has_checksums(path):
             self._say(f"{path} predates checksums (format 1): loading it unverified")
         self._keep_schedule_horizon(meta.get("config", {}), allow_change)
@@ -372,12 +386,16 @@ class Trainer:
         """Load this rank's state from a verified checkpoint; all ranks fail together if any rank fails."""
         failure: Exception | None = None
         try:
-            state = load_rank_state(path, self.info.rank)
-            self.step_fn.load_state_dict(state["step_fn"])
-            self.engine.load_state_dict(state["engine"])
-            self.loader.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
-            self.state = LoopState(**state["loop"])
+            from adapt_pretrain.megatron.run_state import load_trainer_state
+
+            saved_layout = read_meta(path).get("layout", {})
+            loop, rng = load_trainer_state(path, self._parts(), same_layout(saved_layout, self.layout))
+            if rng is not None:
+                set_rng_state(rng)
+            else:
+                self._say(f"resuming with another layout ({saved_layout} -> {self.layout}): model and optimiser "
+                          "resharded, data stream redistributed, RNG streams from the seed")
+            self.state = LoopState(**loop)
         except (DataError, CheckpointError) as exc:
             failure = exc
         except (KeyError, TypeError, ValueError, RuntimeError, OSError, EOFError) as exc:
@@ -415,6 +433,17 @@ class Trainer:
             if "max_lr" in group:
                 group["max_lr"], group["min_lr"] = float(optim.lr), float(optim.min_lr)
         scheduler.step(increment=0)  # the current step's lr and weight decay under the new settings
+
+    @staticmethod
+    def _require_sharded(path: str) -> None:
+        from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, sharded_dir
+
+        if not is_sharded_checkpoint(sharded_dir(path)):
+            raise CheckpointError(
+                f"{path} is a legacy checkpoint (one rank_NNNNN.pt per rank, written before sharded checkpoints); "
+                "this version resumes sharded checkpoints only. Resume it with the version that wrote it, or start a "
+                "new run_dir; `adapt-pretrain eval` and `export` still read it if it was written with TP = PP = 1.",
+                same_on_every_rank=True)
 
     # -- the loop -------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> list[dict]:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapt_pretrain.data import plan
 from adapt_pretrain.data.config import DataConfig, DataError
+from adapt_pretrain.data.elastic import Segment, StreamSchedule, finite_target, redistribute
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, as_torch, collate, pack_windows
 from adapt_pretrain.data.shardio import read_shard
@@ -25,27 +26,23 @@ from adapt_pretrain.data.skips import KINDS, SkipCounter, add_counts
 from adapt_pretrain.data.workers import die_with_parent_init
 
 log = logging.getLogger("adapt_pretrain.data")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: + "segment" (elastic resume); 1 (no segment) is still read
 
 
 class _WorkerStream(IterableDataset):
     """The per-process part: picklable description of the stream + where each worker resumes."""
 
-    def __init__(self, cfg: DataConfig, man: Manifest, rank: int, dp_size: int, epoch: int,
-                 cursors: list[Optional[dict]], produced: list[int], rotation: int) -> None:
+    def __init__(self, cfg: DataConfig, man: Manifest, rank: int, schedule: StreamSchedule,
+                 cursors: list[Optional[dict]], produced: list[int], rotation: int, target: Optional[int]) -> None:
         super().__init__()
-        self.cfg, self.rank, self.dp_size, self.epoch = cfg, rank, dp_size, epoch
+        self.cfg, self.rank, self.schedule = cfg, rank, schedule
         self.W = max(cfg.num_workers, 1)
         self.shards = man.shards(cfg.split)
         self.data_dir = man.data_dir
         self.dtype, self.vocab, self.eos = man.token_dtype, man.vocab_size, man.eos_id
         self.domain_index = man.domain_index()
         self.cursors, self.produced, self.rotation = cursors, produced, rotation
-        self.target: Optional[int] = None
-        if cfg.mode == "finite":
-            self.target, _ = plan.finite_batches_per_worker(
-                cfg.seed, epoch, [s["tokens"] for s in self.shards], [s["docs"] for s in self.shards],
-                dp_size * self.W, cfg.seq_len, cfg.micro_batch_size, cfg.finite_balance)
+        self.target = target  # micro-batches per worker in this finite epoch (None: infinite)
 
     # -- documents --------------------------------------------------------------------------------
     def _shard_docs(self, shard: int, epoch: int, skips: SkipCounter) -> list:
@@ -57,31 +54,27 @@ class _WorkerStream(IterableDataset):
         return docs
 
     def _docs(self, stream: int, cursor: Optional[dict], skips: SkipCounter) -> Iterator[StreamDoc]:
+        """The documents of `stream` from `cursor` on; each tagged with its (item, document) location."""
         cfg, S = self.cfg, len(self.shards)
-        n_streams = self.dp_size * self.W
         j = cursor["j"] if cursor else 0
-        d0 = cursor["d"] if cursor else 0
-        o0 = cursor["o"] if cursor else 0
-        finite_list = plan.finite_shards(cfg.seed, self.epoch, S, stream, n_streams) if cfg.mode == "finite" else None
         empty_run = 0
         while True:
-            if finite_list is not None:
-                if j >= len(finite_list):
-                    return
-                epoch, shard = self.epoch, finite_list[j]
-            else:
-                epoch, shard = plan.infinite_shard(cfg.seed, S, stream, n_streams, j)
-            # a resumed shard was already read (and its skips counted) before the checkpoint
+            item = self.schedule.entry(stream, j)
+            if item is None:
+                return
+            position, d0, o0, counted = item
+            epoch, shard = self.schedule.locate(position)
             resumed = cursor is not None and j == cursor["j"]
-            counter = SkipCounter(strict=cfg.strict) if resumed else skips
+            if resumed:
+                d0, o0 = cursor["d"], cursor["o"]
+            # a resumed (or redistributed, partly read) shard was read and its skips counted before
+            counter = SkipCounter(strict=cfg.strict) if (resumed or counted) else skips
             docs = self._shard_docs(shard, epoch, counter)
-            start = d0 if resumed else 0
-            for d in range(start, len(docs)):
+            for d in range(d0, len(docs)):
                 doc = docs[d]
-                yield StreamDoc(doc.tokens, doc.domain, doc.doc_id, doc.bm25, (j, d),
-                                o0 if (resumed and d == d0) else 0)
+                yield StreamDoc(doc.tokens, doc.domain, doc.doc_id, doc.bm25, (j, d), o0 if d == d0 else 0)
             empty_run = 0 if docs else empty_run + 1
-            if finite_list is None and empty_run > S:
+            if not self.schedule.finite and empty_run > S:
                 raise DataError(f"stream {stream}: no readable documents in {empty_run} consecutive shards "
                                 f"of {self.data_dir}; skipped so far: {skips.as_dict()}")
             j += 1
@@ -158,6 +151,7 @@ class DataStream:
         self.epoch = 0
         self.consumed = 0  # micro-batches consumed in this epoch (finite) / in total (infinite)
         self.cursors: list[Optional[dict]] = [None] * self.W
+        self.segment = self._fresh_segment()
         self.worker_skips: list[dict[str, int]] = [{} for _ in range(self.W)]
         self.skip_base: list[dict[str, int]] = [{} for _ in range(self.W)]
         self.counters = {"micro_batches": 0, "padding_micro_batches": 0, "input_tokens": 0, "epochs_completed": 0}
@@ -174,15 +168,26 @@ class DataStream:
     def eos_id(self) -> int:
         return self.manifest.eos_id
 
-    def batches_per_epoch(self) -> Optional[int]:
-        """Micro-batches every rank yields per finite epoch (None in infinite mode)."""
+    def _fresh_segment(self) -> Segment:
+        return Segment(base=0, streams=self.dp_size * self.W)
+
+    def _schedule(self, segment: Optional[Segment] = None) -> StreamSchedule:
+        return StreamSchedule(self.cfg.seed, self.cfg.mode == "finite", self.epoch,
+                              len(self.manifest.shards(self.cfg.split)), segment or self.segment)
+
+    def _target(self, segment: Optional[Segment] = None) -> Optional[int]:
+        """Micro-batches per worker in this finite epoch (from the current segment on); None if infinite."""
         if self.cfg.mode != "finite":
             return None
         sh = self.manifest.shards(self.cfg.split)
-        m, _ = plan.finite_batches_per_worker(self.cfg.seed, self.epoch, [s["tokens"] for s in sh],
-                                              [s["docs"] for s in sh], self.dp_size * self.W, self.cfg.seq_len,
-                                              self.cfg.micro_batch_size, self.cfg.finite_balance)
-        return m * self.W
+        return finite_target(self._schedule(segment), [s["tokens"] for s in sh], [s["docs"] for s in sh],
+                             self.cfg.seq_len, self.cfg.micro_batch_size, self.cfg.finite_balance)
+
+    def batches_per_epoch(self) -> Optional[int]:
+        """Micro-batches every rank yields per finite epoch (None in infinite mode); after an elastic
+        resume, those of the rest of the epoch."""
+        target = self._target()
+        return None if target is None else target * self.W
 
     def _produced(self) -> list[int]:
         i = self.consumed
@@ -196,8 +201,8 @@ class DataStream:
         for w in range(self.W):
             self.skip_base[w] = add_counts(self.skip_base[w], self.worker_skips[w])
         self.worker_skips = [{} for _ in range(self.W)]
-        ds = _WorkerStream(cfg, self.manifest, self.rank, self.dp_size, self.epoch, list(self.cursors),
-                           self._produced(), self.consumed % self.W)
+        ds = _WorkerStream(cfg, self.manifest, self.rank, self._schedule(), list(self.cursors),
+                           self._produced(), self.consumed % self.W, self._target())
         method = cfg.worker_start_method
         if method is None and cfg.num_workers and "fork" in mp.get_all_start_methods():
             method = "fork"
@@ -227,6 +232,7 @@ class DataStream:
             self.skip_base[w] = add_counts(self.skip_base[w], self.worker_skips[w])
         self.worker_skips = [{} for _ in range(self.W)]
         self.cursors = [None] * self.W
+        self.segment = self._fresh_segment()
         self.consumed = 0
         self.epoch += 1
         self.counters["epochs_completed"] += 1
@@ -252,21 +258,91 @@ class DataStream:
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self._settings(), "epoch": self.epoch, "consumed": self.consumed,
                 "cursors": [None if c is None else dict(c) for c in self.cursors],
+                "segment": self.segment.as_dict(),
                 "skips": [add_counts(self.skip_base[w], self.worker_skips[w]) for w in range(self.W)],
                 "counters": dict(self.counters)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"data state version {state.get('version')!r} is not supported (expected {STATE_VERSION})")
-        now = self._settings()
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue where a saved stream stopped.
+
+        `state`: this rank's `state_dict()` (same data-parallel size and worker count: exact
+        continuation), or the list of every data-parallel rank's states (any size and worker count
+        now: the streams are redistributed, see docs/DATA.md "Elastic resume").
+        """
+        if isinstance(state, dict):
+            self._load_own(state)
+            return
+        states = [self._checked(s, exact=False) for s in state]
+        saved_dp = {int(s["dp_size"]) for s in states}
+        if [int(s["dp_rank"]) for s in states] != list(range(len(states))) or saved_dp != {len(states)}:
+            raise DataError(f"elastic data resume needs the states of data-parallel ranks 0..n-1 in order; got ranks "
+                            f"{[s['dp_rank'] for s in states]} of dp sizes {sorted(saved_dp)}")
+        workers = {int(s["num_workers"]) for s in states}
+        if len(states) == self.dp_size and workers == {self.cfg.num_workers}:
+            self._load_own(states[self.rank])
+            return
+        self._load_redistributed(states)
+
+    def _checked(self, state: dict[str, Any], exact: bool) -> dict[str, Any]:
+        """Version and settings check; `exact` also requires the same dp size, rank and worker count."""
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise DataError(f"data state version {version!r} is not supported (expected {STATE_VERSION})")
+        layout_keys = ("dp_size", "dp_rank", "num_workers")
+        now = {k: v for k, v in self._settings().items() if exact or k not in layout_keys}
         diffs = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in now.items() if state.get(k) != v]
         if diffs:
-            raise DataError("cannot resume the data stream exactly; the checkpoint was written with different "
-                            "settings: " + "; ".join(diffs) + ". Use the same data dir, seed, dp size and "
-                            "num_workers, or start the data stream fresh.")
+            hint = ("; pass every data-parallel rank's state (a list) to redistribute the stream over another dp size "
+                    "or num_workers" if all(d.split(":")[0] in layout_keys for d in diffs) else "")
+            raise DataError("cannot resume the data stream; the checkpoint was written with different settings: "
+                            + "; ".join(diffs) + ". Use the same data dir, seed, seq_len, micro-batch size, mode and "
+                            "shuffle setting, or start the data stream fresh" + hint + ".")
+        state = dict(state)
+        if version == 1:  # before elastic resume: the plain schedule of dp_size * num_workers streams
+            state["segment"] = {"base": 0, "streams": int(state["dp_size"]) * max(int(state["num_workers"]), 1),
+                                "items": []}
+        return state
+
+    def _load_own(self, state: dict[str, Any]) -> None:
+        state = self._checked(state, exact=True)
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
         self.cursors = [None if c is None else dict(c) for c in state["cursors"]]
+        self.segment = Segment.from_dict(state["segment"])
         self.skip_base = [dict(s) for s in state["skips"]]
         self.worker_skips = [{} for _ in range(self.W)]
         self.counters = dict(state["counters"])
+
+    def _load_redistributed(self, states: list[dict[str, Any]]) -> None:
+        """Deal what the saved streams had not read over this run's streams (every rank computes the
+        same segment from the same states). Counters and skip counts move to rank 0, so their sums
+        over ranks continue; every rank keeps the number of epochs completed."""
+        first = states[0]
+        for key in ("epoch", "consumed", "segment", "num_workers"):
+            if any(s[key] != first[key] for s in states):
+                raise DataError(f"the saved data-parallel ranks disagree on {key!r}: the checkpoint is inconsistent")
+        old_w = max(int(first["num_workers"]), 1)
+        self.epoch = int(first["epoch"])
+        old = self._schedule(Segment.from_dict(first["segment"]))
+        cursors = [s["cursors"][w] for s in states for w in range(old_w)]  # by old stream = rank * W + w
+        target = self._target(old.segment)
+        if target is not None and int(first["consumed"]) >= target * old_w:
+            self.segment = self._fresh_segment()  # that finite epoch was consumed to its end
+            self.epoch += 1
+        else:
+            sizes = [sh["tokens"] + sh["docs"] for sh in self.manifest.shards(self.cfg.split)]
+            self.segment = redistribute(old, cursors, self.dp_size * self.W, sizes)
+        self.consumed = 0
+        self.cursors = [None] * self.W
+        self.worker_skips = [{} for _ in range(self.W)]
+        self.skip_base = [{} for _ in range(self.W)]
+        counters = {k: 0 for k in first["counters"]}
+        if self.rank == 0:
+            for s in states:
+                for skips in s["skips"]:
+                    self.skip_base[0] = add_counts(self.skip_base[0], skips)
+                counters = {k: counters[k] + int(s["counters"].get(k, 0)) for k in counters}
+        counters["epochs_completed"] = int(first["counters"].get("epochs_completed", 0))
+        if self.epoch > int(first["epoch"]):
+            counters["epochs_completed"] += 1
+        self.counters = counters

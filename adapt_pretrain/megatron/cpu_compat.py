@@ -10,7 +10,8 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
    `optimizer.clip_grads` and `optimizer.optimizer` (norm / overflow scalars), `utils`
    (GlobalMemoryBuffer used by the local attention's baddbmm), `transformer.utils` (default
    causal mask), `tensor_parallel.mappings` and `tensor_parallel.layers` (sequence-parallel
-   gather/scatter buffers, forward and backward). We do NOT install a
+   gather/scatter buffers, forward and backward), `models.common.embeddings.rotary_pos_embedding`
+   (RoPE moves its inverse frequencies to `torch.cuda.current_device()` in every forward). We do NOT install a
    global TorchFunctionMode (it would tax every op of the hot path); instead each of those modules'
    global name `torch` is replaced by a thin proxy whose factory functions map a CUDA device to CPU
    and whose `torch.cuda.current_device()` / `synchronize()` are CPU-safe. Everything else is the
@@ -25,7 +26,13 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
 4. `Tensor.cuda()` in `LanguageModule.setup_embeddings_and_output_layer` (tied embeddings with
    PP > 1 all-reduce the first stage's embedding into the last stage's copy): during model
    construction only, `model_construction()` makes `Tensor.cuda` return the tensor unchanged.
-5. Schedule flags (applied by `schedule_flags()`, used by the step engine when building the
+5. `dist_checkpointing` (sharded checkpoints): `strategies.filesystem_async`, `.async_utils`,
+   `.fully_parallel` call `torch.cuda.synchronize()` / `torch.cuda.current_device()`, and
+   `strategies.state_dict_saver` builds a flag with `device='cuda'` (same torch proxy as item 1).
+   The fully parallel *load* exchange (`exchange_utils`) moves tensors with `Tensor.cuda()`, which
+   the proxy cannot reach: on CPU sharded checkpoints are loaded without it (each rank reads what
+   it needs; see `adapt_pretrain.megatron.dist_ckpt`).
+6. Schedule flags (applied by `schedule_flags()`, used by the step engine when building the
    TransformerConfig): `batch_p2p_sync=False` (it calls `torch.cuda.synchronize`), and
    `batch_p2p_comm=False` for the interleaved schedule: with pp=2, vp=2 on gloo the batched
    isend/irecv path gives WRONG gradients silently (measured, DESIGN 3); the unbatched path is correct.
@@ -52,6 +59,10 @@ _PATCHED_MODULES = (
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "ones_like", "empty_like")
 

@@ -1,5 +1,5 @@
 """Forward-only passes with a trained run's model: per-token losses (eval) and document embeddings
-(offline top-k by embedding). Single process, TP = PP = 1: the comparison models are small.
+(offline top-k by embedding). Single process, TP = PP = 1, from a checkpoint of any layout.
 
 The model is rebuilt from the checkpoint's saved config with the step engine's `build_model`, so
 eval sees exactly the network that was trained (same megatron code path, same CPU redirections).
@@ -44,29 +44,42 @@ def find_run_checkpoint(run_dir: str) -> str:
     return ckpt
 
 
-def load_run_model(run_dir: str) -> LoadedModel:
-    """Rebuild the run's GPT in this process and load its final weights (eval mode, no grad)."""
+def load_checkpoint_gpt(ckpt: str) -> tuple[Any, dict[str, Any], torch.nn.Module]:
+    """(ModelConfig, meta, GPTModel): the checkpoint's network rebuilt as TP = PP = 1 in this process,
+    with its weights, whatever layout wrote it (sharded checkpoints are resharded on load; a legacy
+    per-rank checkpoint is readable only if it was written with TP = PP = 1)."""
     from adapt_pretrain.checkpoint import load_rank_state, read_meta
     from adapt_pretrain.config import dataclass_from_dict
     from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
-    from adapt_pretrain.megatron.model import HiddenCapture, build_model, unwrap
+    from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, load_sharded, sharded_dir
+    from adapt_pretrain.megatron.model import build_model, unwrap
     from adapt_pretrain.megatron.parallel import setup_parallel
 
-    ckpt = find_run_checkpoint(run_dir)
     meta = read_meta(ckpt)
+    model_cfg = dataclass_from_dict(ModelConfig, meta["config"]["model"], section="model")
     layout = meta.get("layout", {})
-    if int(layout.get("tp", 1)) != 1 or int(layout.get("pp", 1)) != 1:
-        raise ValueError(f"{run_dir}: eval supports runs trained with tensor = pipeline = 1 (got {layout})")
-    config = meta["config"]
-    model_cfg = dataclass_from_dict(ModelConfig, config["model"], section="model")
-    parallel = ParallelConfig()
-    setup_parallel(parallel, 0)
-    chunks = build_model(model_cfg, parallel)
+    sharded = is_sharded_checkpoint(sharded_dir(ckpt))
+    if not sharded and (int(layout.get("tp", 1)) != 1 or int(layout.get("pp", 1)) != 1):
+        raise ValueError(f"{ckpt} is a legacy per-rank checkpoint written with tensor={layout.get('tp')}, "
+                         f"pipeline={layout.get('pp')}: only TP = PP = 1 ones can be read outside the trainer; "
+                         "sharded checkpoints (written by this version) can be read from any layout")
+    setup_parallel(ParallelConfig(), 0)
+    chunks = build_model(model_cfg, ParallelConfig())
     gpt = unwrap(chunks[0])
-    state = load_rank_state(ckpt, 0)
-    gpt.load_state_dict(state["step_fn"]["model"][0])
+    if sharded:
+        load_sharded(sharded_dir(ckpt), chunks, load_optimizer=False)
+    else:
+        gpt.load_state_dict(load_rank_state(ckpt, 0)["step_fn"]["model"][0])
     gpt.eval()
-    return LoadedModel(gpt, model_cfg.seq_len, config, int(meta.get("step", 0)), HiddenCapture(gpt))
+    return model_cfg, meta, gpt
+
+
+def load_run_model(run_dir: str) -> LoadedModel:
+    """Rebuild the run's GPT in this process and load its final weights (eval mode, no grad)."""
+    from adapt_pretrain.megatron.model import HiddenCapture
+
+    model_cfg, meta, gpt = load_checkpoint_gpt(find_run_checkpoint(run_dir))
+    return LoadedModel(gpt, model_cfg.seq_len, meta["config"], int(meta.get("step", 0)), HiddenCapture.attach(gpt))
 
 
 def pack_windows(stream: np.ndarray, labels: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:

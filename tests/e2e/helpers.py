@@ -60,9 +60,18 @@ def events(run_dir: str, name: str) -> list[dict]:
     return [e for e in read_metrics(run_dir)[1] if e["event"] == name]
 
 
-def model_state(run_dir: str, step: int, rank: int = 0) -> list[dict[str, torch.Tensor]]:
-    path = os.path.join(run_dir, "checkpoints", f"step_{step:06d}", f"rank_{rank:05d}.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)["step_fn"]["model"]
+def model_state(run_dir: str, step: int) -> list[dict[str, torch.Tensor]]:
+    """The model tensors of a sharded checkpoint, as full tensors by their sharded names (torch's own
+    reader of the torch_dist format, no megatron code)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded = os.path.join(run_dir, "checkpoints", f"step_{step:06d}", "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(sharded, os.path.join(tmp, "plain.pt"))
+        state = torch.load(os.path.join(tmp, "plain.pt"), map_location="cpu", weights_only=False)
+    return [{k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer.")}]
 
 
 def assert_same_params(a: list[dict], b: list[dict]) -> None:

@@ -129,14 +129,15 @@ def test_deepspeed_json(tmp_path, demo_data_dir):
 
 def test_resume_compatibility_names_fields():
     config = {"train": {"steps": 10, "log_interval": 1, "micro_batch_size": 2}, "adapt": {"tau": 1.0}}
-    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 2}
+    layout = {"world_size": 2, "tp": 1, "pp": 1, "dp": 2, "micro_batch_size": 2, "num_microbatches": 2}
     meta = {"step": 4, "config": config, "layout": layout}
-    # safe: more steps, different logging
+    # safe: more steps, different logging, another layout with the same global batch (8 sequences)
     check_resume_compatible(meta, {**config, "train": {**config["train"], "steps": 20, "log_interval": 5}}, layout)
+    check_resume_compatible(meta, config, {**layout, "pp": 2, "dp": 1, "num_microbatches": 4})
     with pytest.raises(CheckpointError) as err:
-        check_resume_compatible(meta, {**config, "adapt": {"tau": 2.0}}, {**layout, "pp": 2, "dp": 1})
+        check_resume_compatible(meta, {**config, "adapt": {"tau": 2.0}}, {**layout, "dp": 1})
     text = str(err.value)
-    assert "adapt.tau" in text and "pp: 1 (checkpoint) -> 2 (now)" in text and "parallel layout changed" in text
+    assert "adapt.tau" in text and "the global batch changed: 8 sequences per step" in text and "-> 4 (now" in text
 
 
 def test_optim_changes_need_consent_and_are_reported():
