@@ -99,8 +99,8 @@ def test_resume_refuses_changed_layout_and_config(runs, demo_data_dir):
 
 
 def test_rank_1_errors_reach_the_console_with_its_rank(runs, demo_data_dir, tmp_path):
-    """Rank 1's file of step 6 is missing, and its step-3 file is a valid torch file that its loader cannot
-    use (rewritten without the ADAPT state, checksums updated: what another trainer version would write).
+    """Rank 1's RNG file of step 6 is missing, and its step-3 RNG file is a valid torch file that rank 1 cannot
+    use (rewritten without the python stream, checksums updated: what another trainer version would write).
     Rank 1's verification problem is reported with its rank and the resume falls back to step 3; rank 1's
     load failure is printed by rank 1 with its rank; rank 0 stops too (no hang); exit code 3; nothing moved."""
     import torch
@@ -110,20 +110,22 @@ def test_rank_1_errors_reach_the_console_with_its_rank(runs, demo_data_dir, tmp_
     run_dir = str(tmp_path / "part")
     shutil.copytree(runs["part"], run_dir)
     ckpt = os.path.join(run_dir, "checkpoints")
-    os.remove(os.path.join(ckpt, "step_000006", "rank_00001.pt"))
+    rng_1 = "run/rng_rank00001.pt"  # read by rank 1 only
+    os.remove(os.path.join(ckpt, "step_000006", rng_1))
     step3 = os.path.join(ckpt, "step_000003")
-    state = torch.load(os.path.join(step3, "rank_00001.pt"), weights_only=False)
-    del state["engine"]
-    torch.save(state, os.path.join(step3, "rank_00001.pt"))
+    state = torch.load(os.path.join(step3, rng_1), weights_only=False)
+    del state["python"]
+    torch.save(state, os.path.join(step3, rng_1))
     manifest = __import__("json").load(open(os.path.join(step3, "manifest.json")))
-    write_manifest(step3, 3, {**manifest["files"], **describe_files(step3, ["rank_00001.pt"], rank=1)})
+    assert manifest["files"][rng_1]["rank"] == 1
+    write_manifest(step3, 3, {**manifest["files"], **describe_files(step3, [rng_1], rank=1)})
     before = snapshot(run_dir)
     proc = train_deepspeed(["--num_gpus", "2", "--master_port", str(free_port())],
                            [*args(demo_data_dir, run_dir), "--resume"], check=False, timeout=180)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 3, log[-4000:]
-    assert "step_000006: rank_00001.pt is missing (rank 1)" in log and "falling back to step_000003" in log
-    assert "adapt-pretrain train (rank 1): cannot load" in log and "KeyError" in log and "'engine'" in log
+    assert f"step_000006: {rng_1} is missing (rank 1)" in log and "falling back to step_000003" in log
+    assert "adapt-pretrain train (rank 1): cannot load" in log and "KeyError" in log and "'python'" in log
     assert "adapt-pretrain train (rank 0): rank(s) [1] could not load" in log
     assert "Traceback" not in log
     assert snapshot(run_dir) == before

@@ -48,22 +48,33 @@ def superseded(ckpt: str) -> str:
     return os.path.join(ckpt, name)
 
 
+def model_shard(step_dir: str) -> str:
+    """A data file of the sharded model checkpoint (relative to the step folder), owned by rank 0."""
+    names = sorted(n for n in os.listdir(os.path.join(step_dir, "model")) if n.endswith(".distcp"))
+    assert names, os.listdir(os.path.join(step_dir, "model"))
+    return f"model/{names[0]}"
+
+
+ENGINE = "run/engine.pt"  # the ADAPT engine state (rank 0 writes it)
+
+
 def test_damaged_checkpoints_and_stale_latest_fall_back(base, demo_data_dir, tmp_path):
-    """Flipped bytes in the newest rank file, a truncated meta.json in the next, a truncated rank file in the
+    """Flipped bytes in the newest model shard, a truncated meta.json in the next, a truncated engine file in the
     one before, and `latest` naming a deleted folder: the resume falls back to step 1, names each reason,
     moves the damaged ones aside untouched, and re-runs steps 1-3 exactly as before."""
     run_dir, ckpt = copy_of(base, tmp_path)
-    flip_byte(os.path.join(ckpt, "step_000004", "rank_00000.pt"))
+    shard = model_shard(os.path.join(ckpt, "step_000004"))
+    flip_byte(os.path.join(ckpt, "step_000004", shard))
     truncate(os.path.join(ckpt, "step_000003", "meta.json"))
-    truncate(os.path.join(ckpt, "step_000002", "rank_00000.pt"))
+    truncate(os.path.join(ckpt, "step_000002", ENGINE))
     with open(os.path.join(ckpt, "latest"), "w") as fh:
         fh.write("step_000009")
     damaged = {k: v for k, v in snapshot(ckpt).items() if not k.startswith(("step_000001", "latest"))}
     proc = train_plain([*args(demo_data_dir, run_dir), "--resume"])
     log = proc.stdout + proc.stderr
     assert "checkpoints/latest names step_000009, which does not exist" in log
-    assert "step_000004: rank_00000.pt does not match its recorded sha256 checksum (damaged)" in log
-    assert "step_000003: meta.json has" in log and "step_000002: rank_00000.pt has" in log and "truncated" in log
+    assert f"step_000004: {shard} does not match its recorded sha256 checksum (damaged)" in log
+    assert "step_000003: meta.json has" in log and f"step_000002: {ENGINE} has" in log and "truncated" in log
     assert "falling back to step_000001" in log and "resumed from" in log and "at step 1" in log
     assert "Traceback" not in log
     assert {k: v for k, v in snapshot(superseded(ckpt)).items() if k != "WHY.txt"} == damaged  # kept, untouched
@@ -76,17 +87,18 @@ def test_nothing_loadable_refuses_then_restart_moves_aside(base, demo_data_dir, 
     """Every checkpoint damaged: `--resume` refuses (exit 3), naming each and why, changing nothing;
     `--restart-from-scratch` then starts at step 0 and keeps the old checkpoints, byte for byte."""
     run_dir, ckpt = copy_of(base, tmp_path)
-    flip_byte(os.path.join(ckpt, "step_000004", "rank_00000.pt"))
+    shard = model_shard(os.path.join(ckpt, "step_000004"))
+    flip_byte(os.path.join(ckpt, "step_000004", shard))
     truncate(os.path.join(ckpt, "step_000003", "manifest.json"))
-    os.remove(os.path.join(ckpt, "step_000002", "rank_00000.pt"))
+    os.remove(os.path.join(ckpt, "step_000002", ENGINE))
     os.remove(os.path.join(ckpt, "step_000001", "manifest.json"))
     before = snapshot(run_dir)
     proc = train_plain([*args(demo_data_dir, run_dir), "--resume"], check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     message = proc.stderr
     assert "no checkpoint in" in message and "can be loaded" in message and "Traceback" not in message
-    for line in ("step_000004: rank_00000.pt does not match its recorded sha256", "step_000003: manifest.json is unreadable",
-                 "step_000002: rank_00000.pt is missing", "step_000001: manifest.json is missing", "--restart-from-scratch"):
+    for line in (f"step_000004: {shard} does not match its recorded sha256", "step_000003: manifest.json is unreadable",
+                 f"step_000002: {ENGINE} is missing", "step_000001: manifest.json is missing", "--restart-from-scratch"):
         assert line in message, line
     assert snapshot(run_dir) == before
     old_checkpoints = {k: v for k, v in snapshot(ckpt).items()}
