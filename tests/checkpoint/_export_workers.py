@@ -69,6 +69,11 @@ def save_under_tp2(rank: int, world_size: int, root: str, data_dir: str) -> dict
                     "config": {"model": dataclasses.asdict(model), "data": {"data_dir": data_dir}}}
             with open(os.path.join(ckpt, "meta.json"), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
+            # the manifest the trainer writes last (rank 0 owns the sharded files; readers verify it)
+            from adapt_pretrain.checkpoint import describe_files, write_manifest
+
+            model_files = [f"model/{n}" for n in sorted(os.listdir(sharded_dir(ckpt)))]
+            write_manifest(ckpt, 1, describe_files(ckpt, [*model_files, "meta.json"], rank=0))
             with open(os.path.join(root, variant, "checkpoints", "latest"), "w", encoding="utf-8") as fh:
                 fh.write("step_000001")
             out[variant] = torch.cat(parts, dim=-1).clone()
