@@ -83,7 +83,8 @@ def test_kill_during_save_then_resume_in_another_layout(demo_data_dir, tmp_path)
     resumed = train_torchrun(2, [*args(demo_data_dir, run_dir, "train.stop_at_step=4"), "--resume"], timeout=400)
     log = resumed.stdout + resumed.stderr
     assert "step_000001 at step 1" in log and "done: 3 steps" in log, log[-3000:]
-    assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_000003", "step_000004"]
+    # keep_checkpoints=2, plus step 2: pruning waits for a finite step after the newest save (step 4 is the last)
+    assert sorted(d for d in os.listdir(root) if d.startswith("step_")) == ["step_000002", "step_000003", "step_000004"]
     # the 2-process (data-parallel 2) checkpoint resumes in one process, to step 6
     one = train_plain([*args(demo_data_dir, run_dir), "--resume"], timeout=400)
     log = one.stdout + one.stderr
