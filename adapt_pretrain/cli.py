@@ -13,7 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("adapt_pretrain.train", "pretrain a megatron-core GPT with optional ADAPT reweighting"),
     "report": ("adapt_pretrain.monitor.report", "render PNG plots and an HTML page from a run directory"),
     "eval": ("adapt_pretrain.evaluate", "per-domain held-out loss and perplexity of a trained run"),
-    "compare": ("adapt_pretrain.compare", "equal-FLOPs comparison of reweighting methods over seeds"),
+    "compare": ("adapt_pretrain.experiments.compare", "equal-FLOPs comparison of reweighting methods over seeds"),
     "demo": ("adapt_pretrain.demo", "train the demo GPT on the bundled corpus (ADAPT on), then render its report"),
 }
 
