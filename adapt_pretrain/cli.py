@@ -1,7 +1,7 @@
 """`adapt-pretrain` command line: one subcommand per job, each living in its own module.
 
 Subcommands are resolved lazily so `adapt-pretrain report` does not import megatron or deepspeed.
-Each target module exposes `main(argv: list[str]) -> int`.
+Each target module exposes `main(argv: list[str]) -> int` and `build_parser()`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: adapt-pretrain <command> [args]", "", "commands:"]
+    lines = ["usage: adapt-pretrain [--version] <command> [args]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from adapt_pretrain import __version__
+        print(f"adapt-pretrain {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

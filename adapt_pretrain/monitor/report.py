@@ -298,7 +298,7 @@ def render(run_dirs: Sequence[str], out_dir: str, smooth: float = 0.0) -> list[s
     return images + [write_html(runs, out_dir, images)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapt-pretrain report",
                                      description="Render PNG plots and an HTML page from run directories' metrics.jsonl.")
     parser.add_argument("run_dirs", nargs="+", help="run directories (each holding metrics.jsonl)")
@@ -306,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output directory (default: RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="EMA factor in [0, 1) for line plots, e.g. 0.9 (default 0: raw values)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.smooth < 1.0:
         parser.error("--smooth must be in [0, 1)")
