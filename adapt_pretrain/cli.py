@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from adapt_pretrain.logs import setup_logging
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("adapt_pretrain.data.prepare", "tokenise corpora into WebDataset shards + manifest + anchors"),
     "train": ("adapt_pretrain.train", "pretrain a megatron-core GPT with optional ADAPT reweighting"),
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"adapt-pretrain: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    setup_logging()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -32,6 +32,7 @@ from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard,
 from adapt_pretrain.data.skips import SkipCounter
 from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from adapt_pretrain.data.workers import die_with_parent
+from adapt_pretrain.logs import setup_logging
 
 log = logging.getLogger("adapt_pretrain.data")
 OUR_FILES = ("manifest.json", "tokenizer.json", "anchors.tar", "train", "val")
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     inputs = list(args.input)
     if args.demo:
         from adapt_pretrain.data.demo import demo_corpus_paths
