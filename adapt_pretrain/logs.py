@@ -16,6 +16,14 @@ ROOT_LOGGER = "adapt_pretrain"
 _HANDLER_NAME = "adapt_pretrain.logs"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each record (tests and tools swap it), not the one at setup."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def log_level() -> int:
     """The level named by ADAPT_LOG_LEVEL (DEBUG, INFO, WARNING, ERROR; default INFO)."""
     name = os.environ.get(LEVEL_ENV, "INFO").strip().upper()
@@ -32,7 +40,7 @@ def setup_logging(rank: int | None = None) -> logging.Logger:
     logger = logging.getLogger(ROOT_LOGGER)
     handler = next((h for h in logger.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler()
         handler.set_name(_HANDLER_NAME)
         logger.addHandler(handler)
         logger.propagate = False  # one line per record, even when the host application configured root
