@@ -61,7 +61,7 @@ def build_static_mix(data_dir: str, out_dir: str, weights: Mapping[str, float], 
 
 def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, prefix: int | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Proxy-model similarity of every training document to the anchor centroid (DESIGN 1.2, offline)."""
+    """Proxy-model similarity of every training document to the anchor centroid (selection.centroid_scores, offline)."""
     from adapt_pretrain.data.anchors import load_anchor_docs
     from adapt_pretrain.experiments.methods.modelpass import document_embeddings, load_run_model
 
