@@ -4,7 +4,7 @@ One chunk per virtual pipeline stage, each wrapped in megatron's DistributedData
 layer spec follows `model.attention` (`resolve_attention`): megatron's Transformer Engine spec, or
 the local spec with `SDPAttention` (torch SDPA) or megatron's own unfused DotProductAttention.
 `calculate_per_token_loss=True` is set on the TransformerConfig because the step engine returns
-(loss sum, token count) from its loss_func and normalises by the global sum itself (DESIGN 2).
+(loss sum, token count) from its loss_func and normalises by the global sum itself (docs/PARALLELISM.md, where ADAPT sits in the schedule).
 
 Final hidden states: the decoder's output on the last stage is already after the final norm
 (TransformerBlock applies `final_layernorm` when post_process), and GPTModel passes it straight
