@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.core.capture import InputCapture
 from adapt_pretrain.megatron import cpu_compat
 from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
 
@@ -210,7 +211,7 @@ def unwrap(chunk: nn.Module) -> nn.Module:
     return chunk
 
 
-class HiddenCapture:
+class HiddenCapture(InputCapture):
     """Grabs the input of `output_layer` (final hidden states, after the final norm) per forward.
 
     Installed once on the last-stage chunk; the step engine `pop()`s right after calling the model
@@ -218,8 +219,7 @@ class HiddenCapture:
     """
 
     def __init__(self, gpt: nn.Module) -> None:
-        self._hidden: Optional[torch.Tensor] = None
-        self._handle = gpt.output_layer.register_forward_pre_hook(self._hook)
+        super().__init__(gpt.output_layer, "output_layer did not run: HiddenCapture used on a non-last stage?")
 
     @classmethod
     def attach(cls, gpt: nn.Module) -> "HiddenCapture":
@@ -229,15 +229,3 @@ class HiddenCapture:
             capture = cls(gpt)
             gpt._adapt_hidden_capture = capture
         return capture
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self._hidden = args[0]
-
-    def pop(self) -> torch.Tensor:
-        hidden, self._hidden = self._hidden, None
-        if hidden is None:
-            raise RuntimeError("output_layer did not run: HiddenCapture used on a non-last stage?")
-        return hidden
-
-    def remove(self) -> None:
-        self._handle.remove()
