@@ -1,5 +1,5 @@
 """adapt-pretrain: online ADAPT data reweighting for megatron-core pretraining."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Compatible ranges, so the package installs into an existing stack (an NGC or cluster image with its
 # own torch) without replacing it. The tested set is constraints.txt, which launch/install.sh and CI
@@ -28,16 +28,9 @@ setup(
     name="adapt-pretrain",
     version="0.1.0",
     description="Online ADAPT data reweighting for large-scale LLM pretraining (megatron-core, DeepSpeed)",
-    packages=[
-        "adapt_pretrain",
-        "adapt_pretrain.core",
-        "adapt_pretrain.data",
-        "adapt_pretrain.megatron",
-        "adapt_pretrain.deepspeed",
-        "adapt_pretrain.monitor",
-        "adapt_pretrain.methods",
-        "adapt_pretrain.kernels",
-    ],
+    # Found, not listed: a package missing from a hand-written list once shipped a broken wheel.
+    # `adapt_pretrain.kernels` lives in the top-level `kernels/` (see package_dir), so it is added by name.
+    packages=find_packages(include=["adapt_pretrain", "adapt_pretrain.*"]) + ["adapt_pretrain.kernels"],
     # Top-level `kernels/` is shipped as `adapt_pretrain.kernels`: a top-level module named
     # `kernels` collides with an unrelated PyPI package.
     package_dir={"adapt_pretrain.kernels": "kernels"},

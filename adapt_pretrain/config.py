@@ -1,7 +1,7 @@
 """Dataclass configs shared by every part of adapt-pretrain.
 
 `AdaptConfig` is the whole user surface of the method: `enabled` is the one flag; every other
-field has a default that works (DESIGN 1.3-1.5). Validation happens at construction so a bad
+field has a default that works (docs/METHOD.md). Validation happens at construction so a bad
 value fails at start-up with a message naming the field, not hours into a run.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def check_finite(path: str, value: Any) -> None:
 
 @dataclass
 class AdaptConfig:
-    """ADAPT reweighting settings (DESIGN 1).
+    """ADAPT reweighting settings (docs/METHOD.md).
 
     enabled: the single switch; False gives plain cross-entropy, bit for bit.
     signal: where the score comes from: the model's own hidden states (`embed`), a BM25 score stored

@@ -171,7 +171,7 @@ def held_out_sets(data_dir: str, extra: Sequence[str], tokenizer_path: str, sett
     sampled texts of an extra set are tokenised)."""
     from tokenizers import Tokenizer
 
-    from adapt_pretrain.methods.derive import iter_train_records
+    from adapt_pretrain.experiments.methods.derive import iter_train_records
 
     val: dict[str, list[np.ndarray]] = {}
     for rec, toks in iter_train_records(data_dir, "val"):
@@ -191,7 +191,7 @@ def held_out_sets(data_dir: str, extra: Sequence[str], tokenizer_path: str, sett
 
 def domain_loss(model: Any, held: HeldOut, eos_id: int, settings: EvalSettings) -> dict[str, Any]:
     """Mean next-token loss of one domain's sample, with the documents and labels it used."""
-    from adapt_pretrain.methods.modelpass import pack_windows, token_losses
+    from adapt_pretrain.experiments.methods.modelpass import pack_windows, token_losses
 
     counts = label_counts([len(d) for d in held.docs], settings.max_tokens, settings.doc_tokens)
     stream, labels = label_stream(held.docs, counts, eos_id)
@@ -211,7 +211,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, extra: Sequence[str]
     from tqdm import tqdm
 
     from adapt_pretrain.data.manifest import Manifest
-    from adapt_pretrain.methods.modelpass import load_run_model
+    from adapt_pretrain.experiments.methods.modelpass import load_run_model
 
     t0 = time.time()
     model = load_run_model(run_dir)
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_path(run_dir: str, out: str | None) -> str:
     """Where the result goes; refuses compare's per-run cache, which eval must never overwrite."""
-    from adapt_pretrain.methods.runs import RESULT, RUN_CONFIG
+    from adapt_pretrain.experiments.methods.runs import RESULT, RUN_CONFIG
 
     path = out or os.path.join(run_dir, DEFAULT_OUT)
     if os.path.basename(path) in (RESULT, RUN_CONFIG):

@@ -1,4 +1,4 @@
-"""FLOPs accounting: training compute plus each reweighting method's scoring cost (issue 6).
+"""Training FLOPs of a GPT: the formula behind tokens/s -> TFLOP/s -> MFU.
 
 Counting convention (the usual one; a multiply-add is 2 FLOPs):
 - forward FLOPs per token = 2 * (matmul parameters) + attention: per layer QK^T and AV each cost
@@ -7,13 +7,12 @@ Counting convention (the usual one; a multiply-add is 2 FLOPs):
   K and V projections shrink by num_query_groups / heads), MLP 2*h*ffn (3*h*ffn for SwiGLU);
   plus the output layer h*V (embedding lookups are free);
 - training = 3 x forward (backward costs two forwards).
-ADAPT's own cost reuses the training forward's hidden states: position-weighted pooling (2h per
-token), the score (2h per group) and the anchor re-encoding forward every refresh_interval steps.
-The paper's accounting (8N per token, a second forward) is reported next to ours for comparison.
+What each reweighting method spends on scoring on top of this is the experiment harness's business
+(`adapt_pretrain.experiments.methods.costs`).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -48,48 +47,3 @@ def forward_flops_per_token(shape: ModelShape) -> int:
 
 def training_flops(shape: ModelShape, tokens: int) -> int:
     return 3 * forward_flops_per_token(shape) * tokens
-
-
-@dataclass
-class FlopsReport:
-    """Per-run compute: training plus the method's scoring, split by where it is spent."""
-
-    training: int
-    online_scoring: int = 0      # pooling + scores during training steps
-    anchor_refresh: int = 0      # forward passes over the anchor set
-    prepare_scoring: int = 0     # embedding passes or BM25 work done when shards are prepared
-    paper_convention: int = 0    # what the paper's 8N-per-token accounting would charge
-
-    @property
-    def total(self) -> int:
-        return self.training + self.online_scoring + self.anchor_refresh + self.prepare_scoring
-
-    def as_dict(self) -> dict[str, int | float]:
-        out: dict[str, int | float] = dict(asdict(self))
-        out["total"] = self.total
-        out["overhead_ratio"] = self.total / self.training if self.training else 0.0
-        return out
-
-
-def adapt_flops(shape: ModelShape, tokens: int, groups: int, steps: int, refresh_interval: int,
-                anchor_tokens: int) -> FlopsReport:
-    """ADAPT (embed signal) on top of training: pooling, scoring and anchor refreshes at steps 0, R, 2R..."""
-    h = shape.hidden_size
-    refreshes = (steps - 1) // refresh_interval + 1 if steps > 0 else 0
-    params = matmul_params(shape)
-    return FlopsReport(
-        training=training_flops(shape, tokens),
-        online_scoring=2 * h * tokens + 2 * h * groups,
-        anchor_refresh=refreshes * forward_flops_per_token(shape) * anchor_tokens,
-        paper_convention=8 * params * tokens,
-    )
-
-
-def embedding_selection_flops(shape: ModelShape, candidate_tokens: int) -> int:
-    """Offline top-k by embedding similarity: one forward over every candidate token at prepare time."""
-    return forward_flops_per_token(shape) * candidate_tokens
-
-
-def bm25_flops(candidate_tokens: int, num_anchors: int) -> int:
-    """BM25 against the anchors: about one weighted term lookup (2 ops) per candidate token per anchor."""
-    return 2 * candidate_tokens * num_anchors

@@ -86,7 +86,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-co
   if [ "$MODE" = device ] && [ "${PREFLIGHT:-1}" = 1 ]; then
     echo "gpu_compare: pre-flight (tiny model, uniform + adapt, train and eval on this GPU)"
     rm -rf runs/compare-gpu-preflight
-    timeout -s INT -k 20 150 "$PY" -m adapt_pretrain.compare --config launch/configs/compare-gpu.yaml \
+    timeout -s INT -k 20 150 "$PY" -m adapt_pretrain.experiments.compare --config launch/configs/compare-gpu.yaml \
       --out-dir runs/compare-gpu-preflight --corpus demo --methods uniform adapt --seeds 1 --jobs 2 "${TINY[@]}" \
       || { echo "gpu_compare: pre-flight FAILED; the logs:"; tail -n 40 runs/compare-gpu-preflight/runs/*/train.log; return 4; }
   fi
@@ -95,12 +95,12 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-co
   limit=${COMPARE_LIMIT_S:-$(( 520 - $(date +%s) + start ))}
   [ "$MODE" = smoke ] && limit=${COMPARE_LIMIT_S:-1800}  # a loaded CPU machine: no device clock to respect
   echo "gpu_compare: comparison, $JOBS runs at a time, stopping after ${limit}s"
-  timeout -s INT -k 30 "$limit" "$PY" -m adapt_pretrain.compare --config launch/configs/compare-gpu.yaml \
+  timeout -s INT -k 30 "$limit" "$PY" -m adapt_pretrain.experiments.compare --config launch/configs/compare-gpu.yaml \
     --out-dir "$work" --corpus "${corpus[@]}" --jobs "$JOBS" --report "$OUT/results.md" --plots-dir "$OUT" \
     "${extra[@]}" "$@"
   rc=$?
   [ $rc -eq 124 ] && echo "gpu_compare: time limit reached; the report covers the finished runs (a second call resumes)"
-  "$PY" -m adapt_pretrain.compare --config launch/configs/compare-gpu.yaml --out-dir "$work" --corpus "${corpus[@]}" \
+  "$PY" -m adapt_pretrain.experiments.compare --config launch/configs/compare-gpu.yaml --out-dir "$work" --corpus "${corpus[@]}" \
     --report "$OUT/results.md" --plots-dir "$OUT" --report-only "${extra[@]}" "$@"
   (cd "$work" && tar -czf "$OUT/runs.tar.gz" --ignore-failed-read scoring_work.json data/manifest.json \
      runs/*/result.json runs/*/metrics.jsonl runs/*/train.log runs/*/compare_run.yaml 2>/dev/null)

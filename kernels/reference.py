@@ -165,7 +165,7 @@ def score_and_weight(pooled: torch.Tensor, centroid: torch.Tensor, tau: float, w
 
 def weights_from_scores(scores: torch.Tensor, tau: float, w_min: float, w_max: float,
                         mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """clamp(sigmoid(((s - mean) / std) / tau), w_min, w_max): the weight formula (DESIGN 1.3),
+    """clamp(sigmoid(((s - mean) / std) / tau), w_min, w_max): the weight formula (core/weights.py),
     also used directly on precomputed scores (static signals such as BM25)."""
     z = (scores.float() - mean) / std
     return torch.sigmoid(z / max(float(tau), 1e-8)).clamp(min=w_min, max=w_max)

@@ -1,4 +1,4 @@
-"""Anchor centroid state (DESIGN 1.2): the mean unit embedding of the anchor set under the current model.
+"""Anchor centroid state: the mean unit embedding of the anchor set under the current model.
 
 Encoding happens outside (a forward-only pass, sharded over data-parallel ranks); this object only
 holds the result and the refresh schedule, so it is cheap to checkpoint and identical on every rank

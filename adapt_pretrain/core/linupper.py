@@ -1,4 +1,4 @@
-"""LinUpper online loss reweighting (Sow et al., ICLR 2025), the second online policy (DESIGN 1.5).
+"""LinUpper online loss reweighting (Sow et al., ICLR 2025), the second online policy (docs/METHOD.md).
 
 Per-sample losses are min-max normalised to [-d, d], w' = min(l + d, d), w = softmax(w' / r) over
 the global batch. Two layout-independence choices (documented in docs/METHOD.md):

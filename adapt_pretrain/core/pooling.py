@@ -1,4 +1,4 @@
-"""Position-weighted group pooling (DESIGN 1.2): phi_g = normalize(sum_{t in g} position[t] * h_t).
+"""Position-weighted group pooling: phi_g = normalize(sum_{t in g} position[t] * h_t).
 
 Later tokens have seen more of their document under the causal mask, so they count more. The
 sums are returned un-normalised in fp32 so partial sums (sequence parallelism) can be all-reduced

@@ -1,4 +1,4 @@
-"""Scores -> weights (DESIGN 1.3): w = clip(sigmoid(z / tau), w_min, w_max), detached.
+"""Scores -> weights: w = clip(sigmoid(z / tau), w_min, w_max), detached.
 
 `RunningScoreStats` supports `standardize`: scores are z-scored with an EMA of the global batch's
 mean and variance. The statistics used in a step are those from the end of the previous step, so

@@ -1,4 +1,4 @@
-"""Anchor documents as micro-batches, sharded over data-parallel ranks (DESIGN 1.2).
+"""Anchor documents as micro-batches, sharded over data-parallel ranks (docs/METHOD.md).
 
 Rank r takes anchors r, r + dp, r + 2*dp, ...; every anchor is one sequence and one group,
 truncated to seq_len. All ranks get the same number of micro-batches (short ranks pad with

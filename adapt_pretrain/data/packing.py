@@ -3,7 +3,7 @@
 The stream is the documents' tokens, each followed by EOS, laid end to end. Window j covers stream
 tokens [j*s, j*s + s] (consecutive windows share one token, so every token is predicted once):
 inputs are the first s, labels the last s. A *group* is a maximal run of one document among a
-window's inputs (DESIGN 1.1); a document cut by a window boundary gives one group per window.
+window's inputs (docs/DATA.md); a document cut by a window boundary gives one group per window.
 loss_mask is 1 where the label is a token (or the EOS) of the same document as the input token.
 Each window records where the next one starts (document location + offset) so a loader can
 resume exactly from any window boundary.

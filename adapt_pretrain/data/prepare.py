@@ -32,6 +32,7 @@ from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard,
 from adapt_pretrain.data.skips import SkipCounter
 from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from adapt_pretrain.data.workers import die_with_parent
+from adapt_pretrain.logs import setup_logging
 
 log = logging.getLogger("adapt_pretrain.data")
 OUR_FILES = ("manifest.json", "tokenizer.json", "anchors.tar", "train", "val")
@@ -366,27 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="use the bundled demo corpus as input")
     p.add_argument("--out", "-o", required=True, help="output directory")
     p.add_argument("--tokenizer", help="existing tokenizer.json (default: train a byte-level BPE)")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--eos-token", default="<|endoftext|>")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size of a newly trained tokenizer")
+    p.add_argument("--eos-token", default="<|endoftext|>", help="end-of-document token appended after every document")
     p.add_argument("--tokenizer-max-docs", type=int, default=None, help="train the tokenizer on at most this many docs")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents held out as the val split")
     p.add_argument("--anchor-domains", default=None, help="comma-separated target domains (default: all)")
-    p.add_argument("--num-anchors", type=int, default=50)
-    p.add_argument("--shard-tokens", type=int, default=1 << 18)
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    p.add_argument("--num-anchors", type=int, default=50, help="validation documents of the target domains kept as anchors")
+    p.add_argument("--shard-tokens", type=int, default=1 << 18, help="close a shard once it holds this many tokens")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="tokenising worker processes (default: CPU count, at most 8)")
     p.add_argument("--bm25", action="store_true", help="store a z-scored BM25-to-anchors score per document")
     p.add_argument("--strict", action="store_true", help="raise on the first bad input instead of skip+count")
     p.add_argument("--drop-duplicates", action="store_true",
                    help="drop exact duplicate documents (default: count them and keep each in its first copy's split)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and pipes)")
     p.add_argument("--verify", action="store_true", help="recount docs/tokens from the shards and compare")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     inputs = list(args.input)
     if args.demo:
         from adapt_pretrain.data.demo import demo_corpus_paths

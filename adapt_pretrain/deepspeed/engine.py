@@ -39,6 +39,7 @@ from torch import nn
 
 from adapt_pretrain.config import AdaptConfig, ConfigError
 from adapt_pretrain.core import AdaptEngine, LossTerms, group_loss_means, plain_token_loss
+from adapt_pretrain.core.capture import InputCapture
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "group_id", "position", "num_groups")
 STATIC_SCORE_KEYS = {"bm25": ("group_bm25",), "embed-static": ("group_static_score", "group_bm25")}
@@ -64,26 +65,6 @@ class StepResult:
     skipped: bool
     step_time_s: float
     stats: Any
-
-
-class _HiddenCapture:
-    """Keeps the input of the LM head (the final hidden states, after the final norm) per forward."""
-
-    def __init__(self, head: nn.Module) -> None:
-        self._hidden: Optional[torch.Tensor] = None
-        self._handle = head.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self._hidden = args[0]
-
-    def pop(self) -> torch.Tensor:
-        hidden, self._hidden = self._hidden, None
-        if hidden is None:
-            raise RuntimeError("the LM head did not run since the last loss(): call the model's forward first")
-        return hidden
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 class _GradientDivisor:
@@ -166,14 +147,15 @@ class DeepSpeedAdapt:
         self.gas = int(engine.gradient_accumulation_steps())
         self.domains = list(domains)
         self._divisor = _GradientDivisor(engine) if self.cfg.enabled else None
-        self._capture: Optional[_HiddenCapture] = None
+        self._capture: Optional[InputCapture] = None
         if self.core.uses_hidden_states:
             module = engine.module
             head = head if head is not None else module.get_output_embeddings()
             if head is None:
                 raise ConfigError("adapt.signal=embed needs the final hidden states: the model has no output "
                                   "embeddings (lm_head); pass head=<the output layer module>")
-            self._capture = _HiddenCapture(head)
+            self._capture = InputCapture(
+                head, "the LM head did not run since the last loss(): call the model's forward first")
         from adapt_pretrain.monitor import StatsLayout
 
         self.layout = StatsLayout(num_domains=max(len(self.domains), 1), weight_range=_weight_range(self.cfg),

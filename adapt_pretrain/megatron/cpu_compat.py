@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on CPU/gloo: every CUDA redirection in one place (DESIGN 3).
+"""Run megatron-core 0.16.1 on CPU/gloo: every CUDA redirection in one place.
 
 Active only when CUDA is absent (`activate()` returns False and changes nothing on a GPU machine).
 Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths we use):
@@ -35,7 +35,7 @@ Why each redirection exists (megatron-core 0.16.1 hard-codes CUDA in code paths 
 6. Schedule flags (applied by `schedule_flags()`, used by the step engine when building the
    TransformerConfig): `batch_p2p_sync=False` (it calls `torch.cuda.synchronize`), and
    `batch_p2p_comm=False` for the interleaved schedule: with pp=2, vp=2 on gloo the batched
-   isend/irecv path gives WRONG gradients silently (measured, DESIGN 3); the unbatched path is correct.
+   isend/irecv path gives WRONG gradients silently (measured; docs/PARALLELISM.md); the unbatched path is correct.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ One chunk per virtual pipeline stage, each wrapped in megatron's DistributedData
 layer spec follows `model.attention` (`resolve_attention`): megatron's Transformer Engine spec, or
 the local spec with `SDPAttention` (torch SDPA) or megatron's own unfused DotProductAttention.
 `calculate_per_token_loss=True` is set on the TransformerConfig because the step engine returns
-(loss sum, token count) from its loss_func and normalises by the global sum itself (DESIGN 2).
+(loss sum, token count) from its loss_func and normalises by the global sum itself (docs/PARALLELISM.md, where ADAPT sits in the schedule).
 
 Final hidden states: the decoder's output on the last stage is already after the final norm
 (TransformerBlock applies `final_layernorm` when post_process), and GPTModel passes it straight
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.core.capture import InputCapture
 from adapt_pretrain.megatron import cpu_compat
 from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
 
@@ -210,7 +211,7 @@ def unwrap(chunk: nn.Module) -> nn.Module:
     return chunk
 
 
-class HiddenCapture:
+class HiddenCapture(InputCapture):
     """Grabs the input of `output_layer` (final hidden states, after the final norm) per forward.
 
     Installed once on the last-stage chunk; the step engine `pop()`s right after calling the model
@@ -218,8 +219,7 @@ class HiddenCapture:
     """
 
     def __init__(self, gpt: nn.Module) -> None:
-        self._hidden: Optional[torch.Tensor] = None
-        self._handle = gpt.output_layer.register_forward_pre_hook(self._hook)
+        super().__init__(gpt.output_layer, "output_layer did not run: HiddenCapture used on a non-last stage?")
 
     @classmethod
     def attach(cls, gpt: nn.Module) -> "HiddenCapture":
@@ -229,15 +229,3 @@ class HiddenCapture:
             capture = cls(gpt)
             gpt._adapt_hidden_capture = capture
         return capture
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self._hidden = args[0]
-
-    def pop(self) -> torch.Tensor:
-        hidden, self._hidden = self._hidden, None
-        if hidden is None:
-            raise RuntimeError("output_layer did not run: HiddenCapture used on a non-last stage?")
-        return hidden
-
-    def remove(self) -> None:
-        self._handle.remove()

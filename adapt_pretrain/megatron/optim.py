@@ -1,7 +1,7 @@
 """AdamW (megatron-core optimizer) + warm-up/decay LR scheduler for the model chunks.
 
 GPU: bf16 params with fp32 main params and megatron's distributed optimizer (sharded over DP).
-CPU: megatron's fp32 optimizer (the bf16 and distributed optimizers hard-code CUDA, DESIGN 3;
+CPU: megatron's fp32 optimizer (the bf16 and distributed optimizers hard-code CUDA, see cpu_compat.py;
 the clip-grad CUDA assert is redirected in cpu_compat).
 The scheduler counts optimizer steps (increment 1 per successful update), not samples.
 """

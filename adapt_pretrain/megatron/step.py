@@ -3,7 +3,7 @@
 The trainer's own megatron-core loop; ADAPT enters only through `AdaptMegatron` (plugin.py), the
 surface any user loop takes (docs/PLUGIN.md).
 
-Flow of one step (DESIGN 2):
+Flow of one step (docs/PARALLELISM.md):
   1. megatron's forward_backward_func (no-pipelining, 1F1B or interleaved) runs every micro-batch;
      on the last stage `forward_step` returns a loss_func bound to this micro-batch's final hidden
      states (captured at the output layer's input: no second forward) and logits;

@@ -26,7 +26,6 @@ import os
 import queue
 import secrets
 import string
-import sys
 import threading
 import time
 import warnings
@@ -35,10 +34,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from adapt_pretrain.logs import get_logger
+
 METRICS_FILE = "metrics.jsonl"
 META_FILE = "monitor.json"
 _CURRICULUM_KEY = "curriculum/mean_weight"
 _CURRICULUM_MAX_POINTS = 200
+log = get_logger(__name__)
 _STDOUT_KEYS = (  # (key, short label, format) for the one-line console summary
     ("loss", "loss", ".4f"), ("loss/mean", "ce", ".4f"), ("loss/weighted", "wce", ".4f"),
     ("adapt/weight_mean", "w", ".3f"), ("adapt/weight_std", "w_sd", ".3f"),
@@ -315,7 +317,7 @@ class Monitor:
             msg = f"adapt-pretrain monitor: W&B {what} failed ({type(exc).__name__}: {exc}); " \
                   f"W&B mirror turned off, local {METRICS_FILE} continues"
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            print(msg, file=sys.stderr, flush=True)
+            log.warning(msg)
             if self._file is not None:
                 self._write({"step": self._last_step, "time": time.time(), "event": "wandb_disabled",
                              "fields": {"stage": what, "error": f"{type(exc).__name__}: {exc}"}})
@@ -383,7 +385,7 @@ class Monitor:
         msg = (f"adapt-pretrain monitor: W&B online start failed after {waited:.0f} s "
                f"({type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}); "
                f"logging to an OFFLINE W&B run instead. Upload it later with: {self._sync_command()}")
-        print(msg, file=sys.stderr, flush=True)
+        log.warning(msg)
         self._write({"step": None, "time": time.time(), "event": "wandb_offline_fallback",
                      "fields": {"error": f"{type(failure).__name__}: {failure}", "waited_s": round(waited, 1),
                                 "sync_command": self._sync_command()}})

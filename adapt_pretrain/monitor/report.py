@@ -6,8 +6,9 @@ works on a laptop with matplotlib alone.
 
 Plots (several runs: one panel per run for per-run views, one line per run for shared views):
 - curriculum.png: per-domain mean weight over steps;
-- weight_heatmap.png: weight distribution over steps (columns = logged histograms, each column
-  normalised to a density, re-binned onto one grid when bin edges differ between steps/runs);
+- weight_heatmap.png: weight distribution over steps: each logged histogram as a column normalised
+  to its own peak (re-binned onto one grid when bin edges differ between steps), under the
+  p05/p25/p50/p75/p95 quantiles and min/max logged every step;
 - loss.png: per-domain loss and the overall (unweighted, weighted) loss;
 - effective.png: effective data ratio and ESS / groups.
 """
@@ -158,8 +159,39 @@ def _rebin(counts: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.ndarra
     return np.diff(np.interp(grid, edges, cdf))
 
 
-def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40) -> str:
-    plt, fig, axes = _grid(len(runs))
+def _column_edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges around each logged step (half-way to the neighbours; one step wide when alone)."""
+    if steps.size == 1:
+        return np.asarray([steps[0] - 0.5, steps[0] + 0.5])
+    half = np.diff(steps) / 2
+    return np.concatenate([[steps[0] - half[0]], steps[:-1] + half, [steps[-1] + half[-1]]])
+
+
+def relative_density(mat: np.ndarray) -> np.ndarray:
+    """Each column (one step's histogram) divided by its own peak, empty cells masked.
+
+    Normalising per step keeps every step's shape readable: with one colour scale for the whole run, a
+    step where all groups share one bin saturates the scale and every other step turns one dark colour.
+    """
+    peak = mat.max(axis=0, keepdims=True)
+    rel = np.divide(mat, peak, out=np.zeros_like(mat, dtype=float), where=peak > 0)
+    return np.ma.masked_less_equal(rel, 0.0)
+
+
+_QUANTILE_LINES = (("p50", "-", "black", "median"), ("p25", "--", "black", "p25 / p75"), ("p75", "--", "black", None),
+                   ("p05", ":", "black", "p05 / p95"), ("p95", ":", "black", None),
+                   ("min", "-", "tab:orange", "min / max"), ("max", "-", "tab:orange", None))
+
+
+def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 64) -> str:
+    """Weight distribution over steps: per-step relative density (logged histograms) under quantile lines.
+
+    The quantile lines come from the quantiles logged every step, so they stay dense in time
+    when histograms are logged only every few steps.
+    """
+    from matplotlib.colors import PowerNorm
+
+    plt, fig, axes = _grid(len(runs), width=7.0, height=4.0)
     for ax, run in zip(axes, runs):
         hists = run.histograms("hist/weights")
         if not hists:
@@ -172,27 +204,20 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 40)
         else:  # bin edges changed during the run: put every step on one grid
             grid = np.linspace(min(e[0] for (_, _, e) in hists), max(e[-1] for (_, _, e) in hists), num_rows + 1)
             cols = [_rebin(c, e, grid) for (_, c, e) in hists]
-        cols = [c / c.sum() if c.sum() > 0 else c for c in cols]
         mat = np.stack(cols, axis=1)
-        steps = np.asarray([s for (s, _, _) in hists], float)
-        if steps.size > 1:
-            half = np.diff(steps) / 2
-            x_edges = np.concatenate([[steps[0] - half[0]], steps[:-1] + half, [steps[-1] + half[-1]]])
-        else:
-            x_edges = np.asarray([steps[0] - 0.5, steps[0] + 0.5])
-        mesh = ax.pcolormesh(x_edges, grid, mat, cmap="viridis", shading="flat")
+        x_edges = _column_edges(np.asarray([s for (s, _, _) in hists], float))
+        mesh = ax.pcolormesh(x_edges, grid, relative_density(mat), cmap="Blues", norm=PowerNorm(0.5, 0.0, 1.0),
+                             shading="flat")
         last_step = max(run.steps) if run.steps else x_edges[-1]
         ax.set_xlim(x_edges[0], max(x_edges[-1], last_step))
-        fig.colorbar(mesh, ax=ax, label="fraction of groups")
-        # quantile lines (from the same histograms) and the exact min/max, logged every step
-        for key, style, color, label in (("p50", "-", "w", "median"), ("p05", ":", "w", "p05 / p95"),
-                                         ("p95", ":", "w", None), ("min", "--", "orange", "min / max"),
-                                         ("max", "--", "orange", None)):
+        fig.colorbar(mesh, ax=ax, label="groups / the step's fullest bin (sqrt scale)")
+        # quantile lines, median and exact min/max, logged every step
+        for key, style, color, label in _QUANTILE_LINES:
             x, y = run.series(f"adapt/weight_{key}")
             if x.size:
-                ax.plot(x, y, style, color=color, lw=0.8, label=label)
+                ax.plot(x, y, style, color=color, lw=1.0, label=label)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="upper left", ncol=2)
         # zoom onto the populated bins (weights often live in a narrow band early in training)
         populated = mat.sum(axis=1) > 0
         lo_i, hi_i = np.argmax(populated), len(populated) - np.argmax(populated[::-1])
@@ -298,7 +323,7 @@ def render(run_dirs: Sequence[str], out_dir: str, smooth: float = 0.0) -> list[s
     return images + [write_html(runs, out_dir, images)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapt-pretrain report",
                                      description="Render PNG plots and an HTML page from run directories' metrics.jsonl.")
     parser.add_argument("run_dirs", nargs="+", help="run directories (each holding metrics.jsonl)")
@@ -306,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="output directory (default: RUN_DIR/report for one run, ./report for several)")
     parser.add_argument("--smooth", type=float, default=0.0,
                         help="EMA factor in [0, 1) for line plots, e.g. 0.9 (default 0: raw values)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.smooth < 1.0:
         parser.error("--smooth must be in [0, 1)")

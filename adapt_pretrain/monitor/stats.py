@@ -1,4 +1,4 @@
-"""Weight-curriculum statistics as reducible partial sums (DESIGN 1.3: make the curriculum visible).
+"""Weight-curriculum statistics as reducible partial sums (docs/MONITORING.md: make the curriculum visible).
 
 Why partial sums: the trainer sees only its own data-parallel shard (and, with pipeline
 parallelism, only the last stage sees weights). Every metric here is a function of a few sums

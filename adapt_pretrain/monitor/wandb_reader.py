@@ -1,6 +1,6 @@
 """Reader of W&B's offline `.wandb` transaction log, so tests can see what W&B actually received.
 
-wandb 0.31 ships no Python reader for this file (DESIGN 3). Format (observed in wandb-core's
+wandb 0.31 ships no Python reader for this file. Format (observed in wandb-core's
 writes, same scheme as LevelDB's log):
 - file header, 7 bytes: b":W&B", magic 0xBEE1 (little endian), version 0;
 - the file is cut into 32 KiB blocks counted from the start of the file (header included);

@@ -25,9 +25,9 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
                                       "num_workers": 1},
         "run": TINY_RUN, "methods": ["uniform", "linupper"], "seeds": [1],
         "eval": {"max_tokens": 256, "docs": 8}}))
-    missing = run_module(["adapt_pretrain.compare", "--config", str(config), "--out-dir", str(tmp_path / "out")], timeout=60)
+    missing = run_module(["adapt_pretrain.experiments.compare", "--config", str(config), "--out-dir", str(tmp_path / "out")], timeout=60)
     assert missing.returncode == 2 and "--corpus" in missing.stderr  # no corpus named: a clear error
-    args = ["adapt_pretrain.compare", "--config", str(config), "--corpus", "demo", "--out-dir", str(tmp_path / "out"),
+    args = ["adapt_pretrain.experiments.compare", "--config", str(config), "--corpus", "demo", "--out-dir", str(tmp_path / "out"),
             "--jobs", "2", "run.train.steps=4"]
     (tmp_path / "out").mkdir()
     with open(tmp_path / "out" / ".compare.lock", "w") as held:  # another compare in this out_dir

@@ -8,8 +8,8 @@ import pytest
 from adapt_pretrain.data.config import DataConfig, PrepareConfig
 from adapt_pretrain.data.manifest import Manifest, check_counts
 from adapt_pretrain.data.prepare import prepare
-from adapt_pretrain.methods.derive import COPY_STRIDE, doc_table, iter_train_records
-from adapt_pretrain.methods.offline import bm25_scores, build_static_mix, build_topk
+from adapt_pretrain.experiments.methods.derive import COPY_STRIDE, doc_table, iter_train_records
+from adapt_pretrain.experiments.methods.offline import bm25_scores, build_static_mix, build_topk
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from adapt_pretrain.evaluate import domain_averages, read_jsonl_texts
-from adapt_pretrain.methods import runs as R
-from adapt_pretrain.methods.modelpass import pack_windows
-from adapt_pretrain.methods.plan import CompareConfig, plan_runs
-from adapt_pretrain.methods.report import aggregate, markdown_tables, mean_std, update_marked_block
+from adapt_pretrain.experiments.methods import runs as R
+from adapt_pretrain.experiments.methods.modelpass import pack_windows
+from adapt_pretrain.experiments.methods.plan import CompareConfig, plan_runs
+from adapt_pretrain.experiments.methods.report import aggregate, markdown_tables, mean_std, update_marked_block
 
 
 def test_domain_averages_hand_computed():
@@ -115,7 +115,7 @@ def test_paired_deltas_per_seed(tmp_path):
 
 
 def test_weight_curves_and_their_plot(tmp_path):
-    from adapt_pretrain.methods.report import plot_all
+    from adapt_pretrain.experiments.methods.report import plot_all
 
     lines = [{"step": s, "scalars": {"domain/a/token_share": 0.5, "domain/a/weighted_share": 0.5 + 0.1 * s,
                                      "domain/b/token_share": 0.5, "domain/b/weighted_share": 0.5 - 0.1 * s,

@@ -1,5 +1,6 @@
 """FLOPs accounting against a hand count for a tiny config."""
-from adapt_pretrain.flops import ModelShape, adapt_flops, bm25_flops, embedding_selection_flops, forward_flops_per_token, matmul_params, training_flops
+from adapt_pretrain.experiments.methods.costs import adapt_flops, bm25_flops, embedding_selection_flops
+from adapt_pretrain.flops import ModelShape, forward_flops_per_token, matmul_params, training_flops
 
 TINY = ModelShape(vocab_size=10, seq_len=4, hidden_size=2, num_layers=1, num_attention_heads=1, ffn_hidden_size=8)
 

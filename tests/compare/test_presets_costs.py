@@ -4,10 +4,10 @@ import os
 import pytest
 
 from adapt_pretrain.config import AdaptConfig
-from adapt_pretrain.flops import ModelShape, bm25_flops, forward_flops_per_token, training_flops
-from adapt_pretrain.methods.costs import ScoringWork, run_flops
-from adapt_pretrain.methods.plan import CompareConfig, plan_runs
-from adapt_pretrain.methods.presets import PRESETS, get_preset
+from adapt_pretrain.experiments.methods.costs import ScoringWork, bm25_flops, run_flops
+from adapt_pretrain.experiments.methods.plan import CompareConfig, plan_runs
+from adapt_pretrain.experiments.methods.presets import PRESETS, get_preset
+from adapt_pretrain.flops import ModelShape, forward_flops_per_token, training_flops
 
 RUN = {"model": {"vocab_size": 64, "seq_len": 8, "hidden_size": 8, "num_layers": 1, "num_attention_heads": 2},
        "train": {"steps": 4, "micro_batch_size": 2}, "adapt": {"refresh_interval": 2}}
@@ -90,7 +90,7 @@ def test_config_paths_relative_to_cwd_and_fingerprints_by_corpus_name(tmp_path, 
     import yaml
 
     from adapt_pretrain.config import ConfigError
-    from adapt_pretrain.methods.plan import load_compare_config
+    from adapt_pretrain.experiments.methods.plan import load_compare_config
 
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"out_dir": "out", "prepare": {"vocab_size": 300}, "run": RUN,

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from adapt_pretrain.methods.mixing import (domain_schedule, domain_token_targets, normalize_domain_weights,
+from adapt_pretrain.experiments.methods.mixing import (domain_schedule, domain_token_targets, normalize_domain_weights,
                                            plan_mixture, repeat_counts)
-from adapt_pretrain.methods.selection import centroid_scores, select_top_fraction
+from adapt_pretrain.experiments.methods.selection import centroid_scores, select_top_fraction
 
 
 def test_top_fraction_by_tokens_keeps_crossing_document():

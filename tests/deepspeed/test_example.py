@@ -1,5 +1,5 @@
-"""The DeepSpeed example runs from docs/PLUGIN.md as written: the commands of its "Run the example"
-block, in a scratch directory that sees the repository's `launch/` (so the relative paths in the
+"""The DeepSpeed example runs from docs/PLUGIN.md as written: the commands of the "Run the example"
+block of its "DeepSpeed engine" section, in a scratch directory that sees the repository's `launch/` (so the relative paths in the
 commands resolve), with one change: a free `--master_port` for the deepspeed launcher."""
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def documented_commands() -> list[str]:
     with open(os.path.join(REPO, "docs", "PLUGIN.md"), encoding="utf-8") as f:
         text = f.read()
-    section = text.split("### Run the example", 1)[1]
+    deepspeed_part = text.split("## DeepSpeed engine", 1)[1]
+    section = deepspeed_part.split("### Run the example", 1)[1]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 

@@ -1,5 +1,5 @@
 """Monitoring from a real short run: W&B offline received what metrics.jsonl says, the document
-table carries text snippets, and the report renders non-blank plots (issue 5)."""
+table carries text snippets, and the report renders non-blank plots."""
 from __future__ import annotations
 
 import gzip

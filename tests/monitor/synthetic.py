@@ -1,5 +1,5 @@
 """A synthetic but realistic ADAPT run for monitor tests: scores start bunched and spread over
-training (DESIGN 1.3's implicit curriculum), one domain drifts towards the anchors, the others away."""
+training (the implicit curriculum of docs/MONITORING.md), one domain drifts towards the anchors, the others away."""
 from __future__ import annotations
 
 import torch

@@ -85,3 +85,13 @@ def test_report_of_a_run_without_adapt_metrics(runs, tmp_path):
     assert all(os.path.getsize(p) > 0 for p in paths)
     paths = render([plain], str(tmp_path / "only"))  # nothing but a loss: placeholders, no crash
     assert all(os.path.getsize(p) > 0 for p in paths)
+
+
+def test_heatmap_columns_are_normalised_per_step():
+    """A step with every group in one bin must not wash out the others: each column peaks at 1."""
+    from adapt_pretrain.monitor.report import relative_density
+
+    mat = np.array([[0.0, 1.0, 0.0], [64.0, 3.0, 0.0], [0.0, 2.0, 0.0]])  # steps as columns; the last is empty
+    rel = relative_density(mat)
+    assert np.allclose(rel.filled(0.0), [[0, 1 / 3, 0], [1, 1, 0], [0, 2 / 3, 0]])
+    assert rel.mask.tolist() == [[True, False, True], [False, False, True], [True, False, True]]

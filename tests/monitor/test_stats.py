@@ -31,7 +31,7 @@ def make_batch(seed: int, groups: int = 50, num_domains: int = 5, skip_domain: i
 
 
 def reference(batch: dict, names: list[str]) -> dict[str, float]:
-    """Independent numpy formulas (DESIGN 1.3 definitions), no shared code with stats.py."""
+    """Independent numpy formulas (docs/MONITORING.md definitions), no shared code with stats.py."""
     w, s = batch["weights"].double().numpy(), batch["scores"].double().numpy()
     t, l = batch["group_tokens"].double().numpy(), batch["group_loss"].double().numpy()
     d = batch["group_domain"].numpy()

@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
-from adapt_pretrain.methods import runs as R
-from adapt_pretrain.methods.costs import ScoringWork, run_flops
-from adapt_pretrain.methods.plan import CompareConfig, RunSpec, load_compare_config, plan_runs, run_config
-from adapt_pretrain.methods.presets import get_preset
+from adapt_pretrain.experiments.methods import runs as R
+from adapt_pretrain.experiments.methods.costs import ScoringWork, run_flops
+from adapt_pretrain.experiments.methods.plan import CompareConfig, RunSpec, load_compare_config, plan_runs, run_config
+from adapt_pretrain.experiments.methods.presets import get_preset
 
 _LOG_LOCK = threading.Lock()
 _EVAL_LOCK = threading.Lock()  # evaluation runs in this process: one model and process group at a time
@@ -84,7 +84,7 @@ def validate(cfg: CompareConfig, specs: list[RunSpec]) -> None:
 def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
     """Build the derived data dirs the chosen methods need; return the offline scoring sizes."""
     from adapt_pretrain.data.manifest import Manifest
-    from adapt_pretrain.methods import offline
+    from adapt_pretrain.experiments.methods import offline
 
     man = Manifest.load(cfg.data_dir)
     anchors = man.anchors() or {}
@@ -113,7 +113,7 @@ def ensure_variants(cfg: CompareConfig, env: dict[str, str]) -> ScoringWork:
             log(f"top-k embed: training the proxy ({cfg.selection.proxy_steps} uniform steps) and scoring documents")
             R.prepare_run_dir(proxy)
             R.run_logged(R.train_command(proxy), os.path.join(proxy.run_dir, "train.log"), env)
-            R.run_logged([sys.executable, "-m", "adapt_pretrain.methods.offline", "--run", proxy.run_dir,
+            R.run_logged([sys.executable, "-m", "adapt_pretrain.experiments.methods.offline", "--run", proxy.run_dir,
                           "--data", cfg.data_dir, "--num-anchors", str(num_anchors), "--out", scores_path,
                           "--no-progress", *(["--prefix", str(cfg.selection.embed_prefix)] if cfg.selection.embed_prefix else [])],
                          os.path.join(proxy.run_dir, "score.log"), env)
@@ -222,7 +222,7 @@ def estimate(cfg: CompareConfig, specs: list[RunSpec], todo: list[RunSpec], tflo
 
 
 def write_report(cfg: CompareConfig, specs: list[RunSpec], report: str, plots_dir: str) -> list[str]:
-    from adapt_pretrain.methods.report import aggregate, markdown_tables, plot_all, update_marked_block
+    from adapt_pretrain.experiments.methods.report import aggregate, markdown_tables, plot_all, update_marked_block
 
     results = [r for r in (R.cached_result(s) for s in specs) if r is not None]
     agg = aggregate(results)

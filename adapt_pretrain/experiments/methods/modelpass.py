@@ -124,7 +124,7 @@ def token_losses(model: LoadedModel, windows: np.ndarray, batch_size: int = 16) 
 def document_embeddings(model: LoadedModel, docs: Sequence[np.ndarray], batch_size: int = 32,
                         progress: bool = False, max_tokens: int | None = None) -> np.ndarray:
     """Position-weighted pooled final hidden states of each document's first tokens [N, H]
-    (DESIGN 1.2's group embedding, one group per document; not normalised). At most
+    (core/pooling.py's group embedding, one group per document; not normalised). At most
     `max_tokens` (default and cap: seq_len) tokens per document are embedded."""
     from tqdm import tqdm
 

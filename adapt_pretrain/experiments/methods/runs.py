@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 import yaml
 
-from adapt_pretrain.methods.plan import RunSpec
+from adapt_pretrain.experiments.methods.plan import RunSpec
 
 RESULT = "result.json"
 RUN_CONFIG = "compare_run.yaml"

@@ -14,9 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from adapt_pretrain.methods.derive import DONE, doc_table, is_derived, iter_train_records, write_derived
-from adapt_pretrain.methods.mixing import plan_mixture
-from adapt_pretrain.methods.selection import centroid_scores, select_top_fraction
+from adapt_pretrain.experiments.methods.derive import DONE, doc_table, is_derived, iter_train_records, write_derived
+from adapt_pretrain.experiments.methods.mixing import plan_mixture
+from adapt_pretrain.experiments.methods.selection import centroid_scores, select_top_fraction
 
 
 def bm25_scores(data_dir: str) -> tuple[list[int], list[float], list[int]]:
@@ -61,9 +61,9 @@ def build_static_mix(data_dir: str, out_dir: str, weights: Mapping[str, float], 
 
 def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, prefix: int | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    """Proxy-model similarity of every training document to the anchor centroid (DESIGN 1.2, offline)."""
+    """Proxy-model similarity of every training document to the anchor centroid (selection.centroid_scores, offline)."""
     from adapt_pretrain.data.anchors import load_anchor_docs
-    from adapt_pretrain.methods.modelpass import document_embeddings, load_run_model
+    from adapt_pretrain.experiments.methods.modelpass import document_embeddings, load_run_model
 
     model = load_run_model(run_dir)
     anchors = [d.tokens for d in load_anchor_docs(data_dir)][:num_anchors]
@@ -81,7 +81,7 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m adapt_pretrain.methods.offline",
+    p = argparse.ArgumentParser(prog="python -m adapt_pretrain.experiments.methods.offline",
                                 description="score training documents with a proxy run's embeddings")
     p.add_argument("--run", required=True)
     p.add_argument("--data", required=True)

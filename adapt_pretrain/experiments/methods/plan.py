@@ -24,7 +24,7 @@ import yaml
 
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.evaluate import EvalSettings
-from adapt_pretrain.methods.presets import PRESETS, MethodPreset, get_preset
+from adapt_pretrain.experiments.methods.presets import PRESETS, MethodPreset, get_preset
 
 DEMO_INPUTS = "demo"  # `prepare.inputs: demo`: the corpus bundled with the package
 

@@ -38,7 +38,7 @@ def select_top_fraction(doc_ids: Sequence[int], scores: Sequence[float], tokens:
 
 
 def centroid_scores(doc_embeddings: np.ndarray, anchor_embeddings: np.ndarray) -> np.ndarray:
-    """ADAPT's similarity for offline use: unit doc vectors . mean of unit anchor vectors (DESIGN 1.2)."""
+    """ADAPT's similarity for offline use: unit doc vectors . mean of unit anchor vectors (core/pooling.py, core/anchors.py)."""
     def unit(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         norm = np.linalg.norm(x, axis=1, keepdims=True)
