@@ -153,7 +153,7 @@ def run_jobs(rank: int, world_size: int, jobs: list[dict], inits: Optional[bytes
             res["loss"] += run.steps(SAVE_AT, TOTAL)
             res["end"] = run.snapshot()
         elif job["kind"] == "async_save":
-            from tests.checkpoint._dist_ckpt_workers import async_save_then_load
+            from tests.checkpointing._dist_ckpt_workers import async_save_then_load
 
             res.update(async_save_then_load(run.chunks, run.optimizer, run.scheduler, job["directory"]))
         elif job["kind"] == "resume":

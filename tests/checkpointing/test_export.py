@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapt_pretrain.export import ExportError, unsupported_options
-from tests.checkpoint._export_workers import (VARIANTS, eval_windows, export_and_evaluate, model_cfg, save_under_tp2,
+from tests.checkpointing._export_workers import (VARIANTS, eval_windows, export_and_evaluate, model_cfg, save_under_tp2,
                                               tokens)
 from tests.distributed_helper import run_distributed
 

@@ -18,7 +18,7 @@ import math
 import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.checkpoint._reshard_workers import run_jobs
+from tests.checkpointing._reshard_workers import run_jobs
 from tests.distributed._layouts import decode, encode, max_rel_diff
 from tests.distributed_helper import run_distributed
 
