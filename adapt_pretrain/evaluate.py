@@ -191,7 +191,7 @@ def held_out_sets(data_dir: str, extra: Sequence[str], tokenizer_path: str, sett
 
 def domain_loss(model: Any, held: HeldOut, eos_id: int, settings: EvalSettings) -> dict[str, Any]:
     """Mean next-token loss of one domain's sample, with the documents and labels it used."""
-    from adapt_pretrain.experiments.methods.modelpass import pack_windows, token_losses
+    from adapt_pretrain.trained_model import pack_windows, token_losses
 
     counts = label_counts([len(d) for d in held.docs], settings.max_tokens, settings.doc_tokens)
     stream, labels = label_stream(held.docs, counts, eos_id)
@@ -211,7 +211,7 @@ def evaluate_run(run_dir: str, data_dir: str | None = None, extra: Sequence[str]
     from tqdm import tqdm
 
     from adapt_pretrain.data.manifest import Manifest
-    from adapt_pretrain.experiments.methods.modelpass import load_run_model
+    from adapt_pretrain.trained_model import load_run_model
 
     t0 = time.time()
     model = load_run_model(run_dir)

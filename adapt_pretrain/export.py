@@ -156,7 +156,7 @@ def export_checkpoint(ckpt: str, out: str, tokenizer: Optional[str] = None) -> d
     from adapt_pretrain.checkpoint import read_meta
     from adapt_pretrain.config import dataclass_from_dict
     from adapt_pretrain.megatron.reshard import gather_full_state_dict
-    from adapt_pretrain.experiments.methods.modelpass import load_checkpoint_gpt
+    from adapt_pretrain.trained_model import load_checkpoint_gpt
 
     meta = read_meta(ckpt)
     model = dataclass_from_dict(ModelConfig, meta["config"]["model"], section="model")

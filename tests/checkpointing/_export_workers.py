@@ -90,7 +90,7 @@ def eval_windows() -> torch.Tensor:
 def export_and_evaluate(rank: int, world_size: int, root: str) -> dict:
     """Export every variant, and compute `adapt-pretrain eval`'s per-token losses from its checkpoint."""
     from adapt_pretrain.export import export_checkpoint, find_step_checkpoint
-    from adapt_pretrain.experiments.methods.modelpass import load_run_model, token_losses
+    from adapt_pretrain.trained_model import load_run_model, token_losses
 
     out = {}
     for v in VARIANTS:

@@ -8,7 +8,7 @@ import pytest
 
 from adapt_pretrain.evaluate import domain_averages, read_jsonl_texts
 from adapt_pretrain.experiments.methods import runs as R
-from adapt_pretrain.experiments.methods.modelpass import pack_windows
+from adapt_pretrain.trained_model import pack_windows
 from adapt_pretrain.experiments.methods.plan import CompareConfig, plan_runs
 from adapt_pretrain.experiments.methods.report import aggregate, markdown_tables, mean_std, update_marked_block
 

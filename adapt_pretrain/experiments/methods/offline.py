@@ -63,7 +63,7 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
                  progress: bool = True) -> dict[str, Any]:
     """Proxy-model similarity of every training document to the anchor centroid (selection.centroid_scores, offline)."""
     from adapt_pretrain.data.anchors import load_anchor_docs
-    from adapt_pretrain.experiments.methods.modelpass import document_embeddings, load_run_model
+    from adapt_pretrain.trained_model import document_embeddings, load_run_model
 
     model = load_run_model(run_dir)
     anchors = [d.tokens for d in load_anchor_docs(data_dir)][:num_anchors]

@@ -1,5 +1,5 @@
-"""Forward-only passes with a trained run's model: per-token losses (eval) and document embeddings
-(offline top-k by embedding). Single process, TP = PP = 1, from a checkpoint of any layout.
+"""A trained run's model in one process: loading it from a checkpoint of any layout, and forward-only
+passes with it: per-token losses (eval) and document embeddings (the offline top-k baseline).
 
 The model is rebuilt from the checkpoint's saved config with the step engine's `build_model`, so
 eval sees exactly the network that was trained (same megatron code path, same CPU redirections).
