@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env
     from adapt_pretrain.run_config import load_run_config
     from adapt_pretrain.train import Trainer, _quiet_known_warnings
+    from adapt_pretrain.training.callbacks import MetricsLogger
 
     _quiet_known_warnings()
     env = read_dist_env()
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "train.checkpoint_interval=0", f"train.run_dir={run_dir}",
                                         f"train.steps={total}", *args.overrides])
     trainer = Trainer(cfg, env)
-    log_step = trainer._log_step
+    metrics = trainer.callbacks.find(MetricsLogger)  # everything monitoring adds to a step
+    log_step = metrics.on_step_end
     inside: list[float] = []
 
     def timed_log_step(*a, **k):
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(total):
             monitoring = i % 2 == 0
-            trainer._log_step = timed_log_step if monitoring else (lambda *a, **k: None)
+            metrics.on_step_end = timed_log_step if monitoring else (lambda *a, **k: None)
             trainer.step_fn.gather_groups = monitoring
             t0 = time.perf_counter()
             trainer.step_once()
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             if i >= args.warmup:
                 times["on" if monitoring else "off"].append(elapsed)
     finally:
-        trainer._log_step = log_step
+        metrics.on_step_end = log_step
         trainer.close()
     on, off = statistics.mean(times["on"]), statistics.mean(times["off"])
     inside_ms = statistics.mean(inside[args.warmup // 2:]) * 1e3

@@ -84,6 +84,12 @@ def test_two_node_no_ssh_then_resume_matches_uninterrupted(runs):
     assert_same_params(model_state(runs["full"], STEPS), model_state(runs["part"], STEPS))
     for run in (runs["full"], runs["part"]):  # anchors refreshed at the same steps, after the resume too
         assert [e["step"] for e in events(run, "anchor_refresh")] == [0, 2, 4]
+    from adapt_pretrain.monitor import read_metrics
+
+    counters = ("train/tokens", "train/consumed_samples", "train/skipped_steps")  # restored with the metrics callback
+    full_lines, part_lines = read_metrics(runs["full"])[0], read_metrics(runs["part"])[0]
+    assert [[full_lines[s]["scalars"][k] for k in counters] for s in range(STEPS)] \
+        == [[part_lines[s]["scalars"][k] for k in counters] for s in range(STEPS)]
 
 
 def test_resume_refuses_changed_layout_and_config(runs, demo_data_dir):

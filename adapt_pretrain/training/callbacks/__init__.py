@@ -1,0 +1,25 @@
+"""The run's callbacks, one concern each; `default_callbacks(cfg)` registers them from the config.
+
+A user's own callbacks are added with `Trainer(..., callbacks=[...])` (docs/TRAINING.md, "Callbacks").
+"""
+from __future__ import annotations
+
+from adapt_pretrain.training.callbacks.base import Callback, CallbackList, StepMetrics
+from adapt_pretrain.training.callbacks.checkpointer import Checkpointer
+from adapt_pretrain.training.callbacks.console import Console
+from adapt_pretrain.training.callbacks.extreme_documents import ExtremeDocuments
+from adapt_pretrain.training.callbacks.heartbeat import Heartbeat
+from adapt_pretrain.training.callbacks.metrics import MetricsLogger
+from adapt_pretrain.training.callbacks.nonfinite import NonFiniteLossError, NonFinitePolicy, went_nonfinite
+
+
+def default_callbacks(cfg) -> list[Callback]:
+    """The callbacks every run has, configured from `cfg.train` (RunConfig)."""
+    train = cfg.train
+    nonfinite = NonFinitePolicy(train.max_nonfinite_in_row)
+    return [nonfinite, MetricsLogger(), ExtremeDocuments(), Console(train.progress_bar, train.log_interval, train.steps),
+            Heartbeat(), Checkpointer(train.checkpoint_interval, train.keep_checkpoints, nonfinite)]
+
+
+__all__ = ["Callback", "CallbackList", "Checkpointer", "Console", "ExtremeDocuments", "Heartbeat", "MetricsLogger",
+           "NonFiniteLossError", "NonFinitePolicy", "StepMetrics", "default_callbacks", "went_nonfinite"]
