@@ -26,10 +26,10 @@ from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_com
                                        consented_changes, has_checksums, pin_checkpoint, prune_checkpoints, read_meta,
                                        rng_state, same_layout, save_checkpoint, select_checkpoint, set_aside_all,
                                        set_aside_newer, set_rng_state, step_of, verify_everywhere)
-from adapt_pretrain.config import ConfigError
+from adapt_pretrain.config import ConfigError, RunConfig, load_run_config
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
-from adapt_pretrain.run_config import RunConfig, load_run_config
+from adapt_pretrain.layout import Layout
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -110,7 +110,7 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
             prepare(dataclasses.replace(cfg.prepare, overwrite=True))
             print(f"[adapt-pretrain] data prepared in {time.perf_counter() - t0:.1f}s", flush=True)
         _barrier()
-    return cfg.data_config()
+    return cfg.data
 
 
 def fresh_start_problem(run_dir: str) -> str | None:
@@ -153,7 +153,7 @@ class Trainer:
             torch.manual_seed(cfg.train.seed)  # same initial weights as a fresh setup would give
             self.info = parallel_info()
         self._last_lr = 0.0
-        self.layout = cfg.layout(self.info.world_size)
+        self.layout = Layout.plan(cfg.parallel, cfg.train, self.info.world_size).as_dict()
         self.num_microbatches = self.layout["num_microbatches"]
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
@@ -198,8 +198,7 @@ class Trainer:
     def _build_loader(self) -> Any:
         from adapt_pretrain.data.stream import DataStream
 
-        data_cfg = dataclasses.replace(self.data_cfg, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
-        return DataStream(data_cfg)
+        return DataStream(self.data_cfg, dp_rank=self.info.dp_rank, dp_size=self.info.dp_size)
 
     def _anchor_batches(self) -> list[dict]:
         if not self.engine_needs_anchors():
@@ -760,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads(env)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        cfg.layout(env.world_size)
+        Layout.plan(cfg.parallel, cfg.train, env.world_size)
         allow_change = _allowed_changes(args, cfg)
     except ConfigError as exc:
         if env.rank == 0:
