@@ -197,7 +197,8 @@ class Section:
         for f in dataclasses.fields(self):
             rule = f.metadata.get(RULE)
             if rule is not None:
-                setattr(self, f.name, rule.apply(f"{self.SECTION}.{f.name}", getattr(self, f.name)))
+                value = rule.apply(f"{self.SECTION}.{f.name}", getattr(self, f.name))
+                object.__setattr__(self, f.name, value)  # frozen sections too
         self.check()
 
     def check(self) -> None:

@@ -18,6 +18,10 @@ _DS_IGNORED = {"wall_clock_breakdown", "dump_state", "prescale_gradients", "zero
 _DS_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
             "gradient_clipping", "optimizer", "scheduler", "bf16", "fp16", "zero_optimization",
             "steps_per_print", "wandb", "seed"} | _DS_IGNORED
+# DeepSpeed keys that are one of our fields under another name
+_DS_SCALARS = {"train_micro_batch_size_per_gpu": "train.micro_batch_size", "train_batch_size": "train.global_batch_size",
+               "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+               "steps_per_print": "train.log_interval", "seed": "train.seed", "gradient_clipping": "optim.clip_grad"}
 
 def _set(raw: dict, path: str, value: Any) -> None:
     section, key = path.split(".", 1)
@@ -34,18 +38,9 @@ def map_deepspeed_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Translate top-level DeepSpeed keys into our sections; leaves our own sections as they are."""
     out = {k: copy.deepcopy(v) for k, v in raw.items() if k not in _DS_KEYS}
     ds = {k: v for k, v in raw.items() if k in _DS_KEYS}
-    if "train_micro_batch_size_per_gpu" in ds:
-        _set(out, "train.micro_batch_size", ds["train_micro_batch_size_per_gpu"])
-    if "train_batch_size" in ds:
-        _set(out, "train.global_batch_size", ds["train_batch_size"])
-    if "gradient_accumulation_steps" in ds:
-        _set(out, "train.gradient_accumulation_steps", ds["gradient_accumulation_steps"])
-    if "steps_per_print" in ds:
-        _set(out, "train.log_interval", ds["steps_per_print"])
-    if "seed" in ds:
-        _set(out, "train.seed", ds["seed"])
-    if "gradient_clipping" in ds:
-        _set(out, "optim.clip_grad", ds["gradient_clipping"])
+    for key, path in _DS_SCALARS.items():
+        if key in ds:
+            _set(out, path, ds[key])
     if "optimizer" in ds:
         opt = ds["optimizer"] or {}
         kind = str(opt.get("type", "AdamW")).lower()
