@@ -27,7 +27,7 @@ from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_com
                                        rng_state, same_layout, save_checkpoint, select_checkpoint, set_aside_all,
                                        set_aside_newer, set_rng_state, step_of, verify_everywhere)
 from adapt_pretrain.config import ConfigError, RunConfig, load_run_config
-from adapt_pretrain.data.config import DataError
+from adapt_pretrain.data.config import DataError, check_data_dir
 from adapt_pretrain.deepspeed.launcher import DistEnv, configure_threads, init_distributed, read_dist_env, strip_local_rank
 from adapt_pretrain.layout import Layout
 
@@ -110,6 +110,7 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
             prepare(dataclasses.replace(cfg.prepare, overwrite=True))
             print(f"[adapt-pretrain] data prepared in {time.perf_counter() - t0:.1f}s", flush=True)
         _barrier()
+    check_data_dir(cfg.data.data_dir)  # first use of the directory: a ConfigError naming data.data_dir
     return cfg.data
 
 

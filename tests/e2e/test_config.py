@@ -207,6 +207,18 @@ def test_cli_reports_config_error(tmp_path, demo_data_dir):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+def test_cli_refuses_an_unprepared_data_dir(tmp_path, demo_data_dir):
+    """The config names a directory without manifest.json (and no `prepare` section): the trainer
+    refuses it where it first uses it, as a config error naming the field."""
+    missing = tmp_path / "never-prepared"
+    proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
+                           write_yaml(tmp_path, base(demo_data_dir)), f"data.data_dir={missing}",
+                           f"train.run_dir={tmp_path / 'run'}", "wandb.enabled=false"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"data.data_dir='{missing}' has no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_cli_rejects_allow_change_outside_optim(tmp_path, demo_data_dir):
     proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
                            write_yaml(tmp_path, base(demo_data_dir)), "--resume", "--allow-change", "optim.lr,adapt.tau"],
