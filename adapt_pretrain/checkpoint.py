@@ -54,6 +54,8 @@ SAFE_TO_CHANGE = (
     # the layout: model and optimiser are resharded, the data stream is redistributed; what must
     # stay is the global batch, checked separately (`layout_problems`)
     "parallel.", "data.num_workers", "train.global_batch_size", "train.gradient_accumulation_steps",
+    # runtime values that older checkpoints stored in the config (now derived from the layout)
+    "data.dp_rank", "data.dp_size",
 )
 # Fields that may change on resume only when the user names them (`--allow-change`); each change is
 # logged. The optimiser's settings change how the run continues, not what the saved state means.

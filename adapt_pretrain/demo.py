@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         return code
     from adapt_pretrain.monitor.report import main as report_main
-    from adapt_pretrain.run_config import load_run_config
+    from adapt_pretrain.config import load_run_config
 
     return int(report_main([load_run_config(DEMO_CONFIG, list(args.overrides)).train.run_dir]) or 0)
 

@@ -28,14 +28,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from adapt_pretrain.config import ConfigError, dataclass_from_dict
+from adapt_pretrain.config.base import Section, integer, optional_integer
 
 EVAL_VERSION = 3  # 3: seeded document sample, training's labels (2: budget over all docs, 1: first docs only)
 DEFAULT_OUT = "eval.json"  # in the run dir; compare keeps its evaluations in result.json, never here
 
 
 @dataclass(frozen=True)
-class EvalSettings:
+class EvalSettings(Section):
     """What is measured per domain; `eval` and `compare` share these defaults.
 
     max_tokens: labels evaluated per domain (fewer only when the sample holds fewer).
@@ -44,22 +44,12 @@ class EvalSettings:
     seed: sampling seed; the same seed gives every run the same documents.
     """
 
-    max_tokens: int = 32768
-    docs: int = 256
-    doc_tokens: int | None = None
-    seed: int = 0
+    SECTION = "eval"
 
-    def __post_init__(self) -> None:
-        for name in ("max_tokens", "docs", "doc_tokens", "seed"):
-            value = getattr(self, name)
-            if value is None and name == "doc_tokens":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-                raise ConfigError(f"eval.{name}={value!r} must be an integer >= {0 if name == 'seed' else 1}")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "EvalSettings":
-        return dataclass_from_dict(cls, values, section="eval")
+    max_tokens: int = integer(32768, minimum=1)
+    docs: int = integer(256, minimum=1)
+    doc_tokens: int | None = optional_integer(None, minimum=1)
+    seed: int = integer(0, minimum=0)
 
 
 def sample_documents(count: int, k: int, seed: int, domain: str) -> np.ndarray:

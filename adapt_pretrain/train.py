@@ -22,7 +22,8 @@ from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env, strip_local_rank
 from adapt_pretrain.logs import setup_logging
-from adapt_pretrain.run_config import RunConfig, load_run_config
+from adapt_pretrain.config import RunConfig, load_run_config
+from adapt_pretrain.layout import Layout
 from adapt_pretrain.training.callbacks.nonfinite import NonFiniteLossError
 from adapt_pretrain.training.resume import fresh_start_problem
 from adapt_pretrain.training.trainer import Trainer
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(env.rank)
     try:
         cfg = load_run_config(args.config, args.overrides)
-        cfg.layout(env.world_size)
+        Layout.plan(cfg.parallel, cfg.train, env.world_size)
         allow_change = _allowed_changes(args, cfg)
     except ConfigError as exc:
         if env.rank == 0:

@@ -35,7 +35,7 @@ def stream_run(data_dir: str, workers: int, seq_len: int, mbs: int, batches: int
     """Stream `batches` micro-batches; tokens are real (non-padding) input tokens."""
     me = psutil.Process()
     ds = DataStream(DataConfig(data_dir=data_dir, seq_len=seq_len, micro_batch_size=mbs, num_workers=workers,
-                               dp_rank=0, dp_size=1, mode="infinite"))
+                               mode="infinite"), dp_rank=0, dp_size=1)
     gen = iter(ds)
     next(gen)  # worker start-up is not throughput
     cpu0_self = sum(me.cpu_times()[:2])

@@ -87,7 +87,7 @@ def anchor_micro_batches(num_anchors: int, b: int, s: int, vocab: int, dp_rank: 
 def load_bench_config(path: str, overrides: list[str]):
     """The run config with its data section pointed at an empty directory that `prepare` would fill
     (never run here): the benchmark feeds synthetic batches, so no prepared shards are needed."""
-    from adapt_pretrain.run_config import RunConfig, apply_overrides, read_config_file
+    from adapt_pretrain.config import RunConfig, apply_overrides, read_config_file
 
     raw = apply_overrides(read_config_file(path), list(overrides))
     raw["data"] = {**(raw.get("data") or {}), "data_dir": tempfile.mkdtemp(prefix="bench-mfu-data-")}

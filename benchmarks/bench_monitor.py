@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
 
     from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env
-    from adapt_pretrain.run_config import load_run_config
+    from adapt_pretrain.config import load_run_config
     from adapt_pretrain.train import Trainer, _quiet_known_warnings
     from adapt_pretrain.training.callbacks import MetricsLogger
 

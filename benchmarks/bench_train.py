@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env
-    from adapt_pretrain.run_config import load_run_config
+    from adapt_pretrain.config import load_run_config
     from adapt_pretrain.train import Trainer, _quiet_known_warnings
 
     _quiet_known_warnings()

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any, Optional
 
-from adapt_pretrain.data.config import DataError, resolve_dp
+from adapt_pretrain.data.config import DataError, check_data_dir, resolve_dp
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, anchor_collate
 from adapt_pretrain.data.shardio import read_shard
@@ -23,6 +23,7 @@ log = logging.getLogger("adapt_pretrain.data")
 
 def load_anchor_docs(data_dir: str, strict: bool = True) -> list[StreamDoc]:
     """All anchor documents, in manifest order (strict by default: anchors are few and must be whole)."""
+    check_data_dir(data_dir)
     man = Manifest.load(data_dir)
     info = man.anchors()
     if not info:
@@ -40,6 +41,7 @@ def anchor_batches(data_dir: str, seq_len: int, micro_batch_size: int, dp_rank: 
     dp_rank / dp_size default to torch.distributed's (or 0 / 1); num_anchors keeps the first n.
     """
     dp_rank, dp_size = resolve_dp(dp_rank, dp_size)
+    check_data_dir(data_dir)
     man = Manifest.load(data_dir)
     docs = load_anchor_docs(data_dir, strict)
     if num_anchors is not None and num_anchors > len(docs) and dp_rank == 0:

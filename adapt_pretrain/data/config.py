@@ -1,32 +1,29 @@
 """Dataclass configs of the data path: `PrepareConfig` (raw text -> shards) and `DataConfig` (shards -> micro-batches).
 
-Both validate at construction so a wrong path or size fails at start-up with a message that names
-the field, not after an hour of tokenising or at the first training step.
+Each field's rule is declared next to it (adapt_pretrain/config/base.py) and checked at construction,
+so a wrong size fails at start-up with a message that names the field. Construction does no I/O:
+the paths are checked where they are first used (`check_data_dir`, `check_prepare_inputs`), with
+messages that name the field, so a config may name a data directory that `prepare` creates later.
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-from adapt_pretrain.config import ConfigError, dataclass_from_dict
+from adapt_pretrain.config.base import (ConfigError, Section, choice, flag, integer, number, optional_integer, text,
+                                        texts)
 from adapt_pretrain.data.pieces import DEFAULT_MAX_CHARS
 
 MODES = ("infinite", "finite")
 FINITE_BALANCE = ("pad", "drop")
+SPLITS = ("train", "val")
+WORKER_START_METHODS = ("fork", "spawn", "forkserver")
+MANIFEST = "manifest.json"
 
 
 class DataError(RuntimeError):
     """Bad input met in strict mode, or an unusable data directory; the message names shard/file and key."""
-
-
-def _int(section: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{section}.{name}={value!r} must be an integer")
-    if value < minimum:
-        raise ConfigError(f"{section}.{name}={value} must be >= {minimum}")
-    return value
 
 
 def resolve_dp(rank: Optional[int], size: Optional[int]) -> tuple[int, int]:
@@ -49,8 +46,23 @@ def resolve_dp(rank: Optional[int], size: Optional[int]) -> tuple[int, int]:
     return rank, size
 
 
+def check_data_dir(data_dir: str, field_name: str = "data.data_dir") -> None:
+    """ConfigError naming `field_name` unless `data_dir` holds a manifest.json written by `prepare`."""
+    if not os.path.isfile(os.path.join(data_dir, MANIFEST)):
+        raise ConfigError(f"{field_name}={data_dir!r} has no {MANIFEST}; run `adapt-pretrain prepare` first")
+
+
+def check_prepare_inputs(cfg: "PrepareConfig") -> None:
+    """ConfigError naming the field when an input path or the given tokenizer does not exist."""
+    missing = [p for p in cfg.inputs if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"prepare.inputs: path(s) do not exist: {', '.join(missing)}")
+    if cfg.tokenizer is not None and not os.path.isfile(cfg.tokenizer):
+        raise ConfigError(f"prepare.tokenizer={cfg.tokenizer!r} is not a file (expected a tokenizer.json)")
+
+
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Section):
     """Settings of `prepare` (raw corpora -> tokenizer, WebDataset shards, manifest, anchors).
 
     inputs: JSONL / JSONL.gz files, folders of them, or folders of plain-text files (one file = one
@@ -69,90 +81,48 @@ class PrepareConfig:
         bounds memory: one encode call holds at most this many characters; see pieces.py).
     """
 
-    inputs: list[str] = field(default_factory=list)
-    out_dir: str = ""
-    tokenizer: Optional[str] = None
-    vocab_size: int = 8192
-    eos_token: str = "<|endoftext|>"
-    tokenizer_max_docs: Optional[int] = None
-    val_fraction: float = 0.05
-    anchor_domains: Optional[list[str]] = None
-    num_anchors: int = 50
-    shard_tokens: int = 1 << 18
-    num_workers: int = 2
-    chunk_docs: int = 64
-    bm25: bool = False
-    bm25_k1: float = 1.2
-    bm25_b: float = 0.75
-    strict: bool = False
-    drop_duplicates: bool = False
-    max_piece_chars: int = DEFAULT_MAX_CHARS
-    overwrite: bool = False
-    progress: bool = True
-    seed: int = 0
+    SECTION = "prepare"
 
-    def __post_init__(self) -> None:
-        s = "prepare"
-        if isinstance(self.inputs, (str, os.PathLike)):
-            self.inputs = [str(self.inputs)]
-        self.inputs = [str(p) for p in self.inputs]
-        if not self.inputs:
-            raise ConfigError(f"{s}.inputs is empty: give at least one JSONL/JSONL.gz file or text folder")
-        missing = [p for p in self.inputs if not os.path.exists(p)]
-        if missing:
-            raise ConfigError(f"{s}.inputs: path(s) do not exist: {', '.join(missing)}")
-        if not self.out_dir:
-            raise ConfigError(f"{s}.out_dir must be set")
-        self.out_dir = str(self.out_dir)
-        if self.tokenizer is not None:
-            self.tokenizer = str(self.tokenizer)
-            if not os.path.isfile(self.tokenizer):
-                raise ConfigError(f"{s}.tokenizer={self.tokenizer!r} is not a file (expected a tokenizer.json)")
-        _int(s, "vocab_size", self.vocab_size, 260)
-        if self.vocab_size > 1 << 31:
-            raise ConfigError(f"{s}.vocab_size={self.vocab_size} is too large")
-        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < float(self.val_fraction) < 1.0):
-            raise ConfigError(f"{s}.val_fraction={self.val_fraction!r} must be in (0, 1)")
-        _int(s, "num_anchors", self.num_anchors, 0)
-        _int(s, "shard_tokens", self.shard_tokens, 1)
-        _int(s, "num_workers", self.num_workers, 1)
-        _int(s, "chunk_docs", self.chunk_docs, 1)
-        _int(s, "max_piece_chars", self.max_piece_chars, 1024)
-        for name in ("bm25", "strict", "drop_duplicates", "overwrite", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{s}.{name}={getattr(self, name)!r} must be true or false")
-        _int(s, "seed", self.seed, 0)
-        if self.tokenizer_max_docs is not None:
-            _int(s, "tokenizer_max_docs", self.tokenizer_max_docs, 1)
-        if self.anchor_domains is not None:
-            if isinstance(self.anchor_domains, str):
-                self.anchor_domains = [d for d in self.anchor_domains.split(",") if d]
-            if not self.anchor_domains:
-                raise ConfigError(f"{s}.anchor_domains is empty; use None for every domain")
+    inputs: list[str] = texts(default_factory=list, non_empty=True,
+                              hint="give at least one JSONL/JSONL.gz file or text folder")
+    out_dir: str = text("", non_empty=True)
+    tokenizer: Optional[str] = text(None, optional=True)
+    vocab_size: int = integer(8192, minimum=260, maximum=1 << 31)
+    eos_token: str = text("<|endoftext|>", non_empty=True)
+    tokenizer_max_docs: Optional[int] = optional_integer(None, minimum=1)
+    val_fraction: float = number(0.05, above=0, below=1)
+    anchor_domains: Optional[list[str]] = texts(default=None, optional=True, non_empty=True, split_commas=True,
+                                                hint="use None for every domain")
+    num_anchors: int = integer(50, minimum=0)
+    shard_tokens: int = integer(1 << 18, minimum=1)
+    num_workers: int = integer(2, minimum=1)
+    chunk_docs: int = integer(64, minimum=1)
+    bm25: bool = flag(False)
+    bm25_k1: float = number(1.2, minimum=0)
+    bm25_b: float = number(0.75, minimum=0, maximum=1)
+    strict: bool = flag(False)
+    drop_duplicates: bool = flag(False)
+    max_piece_chars: int = integer(DEFAULT_MAX_CHARS, minimum=1024)
+    overwrite: bool = flag(False)
+    progress: bool = flag(True)
+    seed: int = integer(0, minimum=0)
+
+    def check(self) -> None:
         if self.bm25 and self.num_anchors == 0:
-            raise ConfigError(f"{s}.bm25 needs anchors: set num_anchors >= 1")
-        for name in ("bm25_k1", "bm25_b"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{s}.{name}={value!r} must be a finite number")
-        if self.bm25_k1 < 0 or not 0.0 <= self.bm25_b <= 1.0:
-            raise ConfigError(f"{s}.bm25_k1 must be >= 0 and bm25_b in [0, 1]")
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PrepareConfig":
-        return dataclass_from_dict(cls, values, section="prepare")
+            raise ConfigError("prepare.bm25 needs anchors: set num_anchors >= 1")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Settings of the streaming loader (shards -> packed micro-batches, TEAM_CONTRACTS format).
 
-    data_dir: a directory written by `prepare` (holds manifest.json). split: `train` or `val`.
+    data_dir: a directory written by `prepare` (holds manifest.json; checked when the stream or the
+        anchors are first read, `check_data_dir`). split: `train` or `val`.
     mode: `infinite` (endless; shards drawn epoch after epoch from fresh seeded permutations) or
         `finite` (one epoch per iteration; every rank yields the same number of micro-batches,
         short ranks padded with all-padding micro-batches (`finite_balance="pad"`) or long ranks cut
         (`"drop"`, counted in stats)).
-    dp_rank / dp_size: data-parallel coordinates; None reads torch.distributed (or 0 / 1).
+    The data-parallel coordinates are not settings: `DataStream(cfg, dp_rank, dp_size)` takes them.
     num_workers: DataLoader worker processes (0 = in the calling process).
     strict: raise on bad input (corrupt tar, malformed sample, out-of-vocab id) instead of skip+count.
     shuffle_within_shard: permute documents inside a shard per epoch (seeded), on top of the
@@ -161,60 +131,23 @@ class DataConfig:
         workers re-import torch: seconds per worker per epoch on small CPUs), else the default.
     """
 
-    data_dir: str = ""
-    split: str = "train"
-    seq_len: int = 1024
-    micro_batch_size: int = 8
-    num_workers: int = 2
-    seed: int = 0
-    mode: str = "infinite"
-    finite_balance: str = "pad"
-    strict: bool = False
-    dp_rank: Optional[int] = None
-    dp_size: Optional[int] = None
-    shuffle_within_shard: bool = True
-    verify_checksums: bool = True
-    prefetch_factor: int = 4
-    worker_start_method: Optional[str] = None
+    SECTION = "data"
+    RUNTIME_KEYS = ("dp_rank", "dp_size")
 
-    def __post_init__(self) -> None:
-        s = "data"
-        if not self.data_dir:
-            raise ConfigError(f"{s}.data_dir must be set to a directory written by `adapt-pretrain prepare`")
-        self.data_dir = str(self.data_dir)
-        if not os.path.isfile(os.path.join(self.data_dir, "manifest.json")):
-            raise ConfigError(f"{s}.data_dir={self.data_dir!r} has no manifest.json; run `adapt-pretrain prepare` first")
-        if self.split not in ("train", "val"):
-            raise ConfigError(f"{s}.split={self.split!r} is invalid; choose one of train, val")
-        _int(s, "seq_len", self.seq_len, 1)
-        _int(s, "micro_batch_size", self.micro_batch_size, 1)
-        _int(s, "num_workers", self.num_workers, 0)
-        _int(s, "seed", self.seed, 0)
-        _int(s, "prefetch_factor", self.prefetch_factor, 1)
-        if self.mode not in MODES:
-            raise ConfigError(f"{s}.mode={self.mode!r} is invalid; choose one of {', '.join(MODES)}")
-        if self.finite_balance not in FINITE_BALANCE:
-            raise ConfigError(f"{s}.finite_balance={self.finite_balance!r} is invalid; choose one of {', '.join(FINITE_BALANCE)}")
-        for name in ("strict", "shuffle_within_shard", "verify_checksums"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{s}.{name}={getattr(self, name)!r} must be true or false")
-        if self.worker_start_method not in (None, "fork", "spawn", "forkserver"):
-            raise ConfigError(f"{s}.worker_start_method={self.worker_start_method!r} is invalid; "
-                              "choose one of fork, spawn, forkserver (or leave unset)")
-        if self.dp_size is not None:
-            _int(s, "dp_size", self.dp_size, 1)
-        if self.dp_rank is not None:
-            _int(s, "dp_rank", self.dp_rank, 0)
-            if self.dp_size is not None and self.dp_rank >= self.dp_size:
-                raise ConfigError(f"{s}.dp_rank={self.dp_rank} must be < dp_size={self.dp_size}")
-
-    def resolved_dp(self) -> tuple[int, int]:
-        """(rank, size) from the config, else from torch.distributed when initialised, else (0, 1)."""
-        return resolve_dp(self.dp_rank, self.dp_size)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DataConfig":
-        return dataclass_from_dict(cls, values, section="data")
+    data_dir: str = text("", non_empty=True, hint="a directory written by `adapt-pretrain prepare`")
+    split: str = choice("train", SPLITS)
+    seq_len: int = integer(1024, minimum=1)
+    micro_batch_size: int = integer(8, minimum=1)
+    num_workers: int = integer(2, minimum=0)
+    seed: int = integer(0, minimum=0)
+    mode: str = choice("infinite", MODES)
+    finite_balance: str = choice("pad", FINITE_BALANCE)
+    strict: bool = flag(False)
+    shuffle_within_shard: bool = flag(True)
+    verify_checksums: bool = flag(True)
+    prefetch_factor: int = integer(4, minimum=1)
+    worker_start_method: Optional[str] = choice(None, WORKER_START_METHODS, optional=True)
 
 
-__all__ = ["PrepareConfig", "DataConfig", "DataError", "ConfigError", "MODES", "FINITE_BALANCE"]
+__all__ = ["PrepareConfig", "DataConfig", "DataError", "ConfigError", "MODES", "FINITE_BALANCE", "check_data_dir",
+           "check_prepare_inputs", "resolve_dp"]

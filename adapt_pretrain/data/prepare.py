@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.bm25 import BM25Scorer
-from adapt_pretrain.data.config import DataError, PrepareConfig
+from adapt_pretrain.data.config import DataError, PrepareConfig, check_prepare_inputs
 from adapt_pretrain.data.manifest import FORMAT, Manifest, split_summary, write_manifest
 from adapt_pretrain.data.pieces import iter_pieces, split_text
 from adapt_pretrain.data.readers import RawDoc, iter_documents
@@ -205,6 +205,7 @@ def _get_tokenizer(cfg: PrepareConfig) -> Any:
 
 def prepare(cfg: PrepareConfig) -> str:
     """Run the whole preparation; returns the path of the written manifest.json."""
+    check_prepare_inputs(cfg)  # here, not at construction: a config may name inputs of another machine
     t0 = time.time()
     _prepare_out_dir(cfg)
     tok = _get_tokenizer(cfg)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapt_pretrain.data import plan
-from adapt_pretrain.data.config import DataConfig, DataError
+from adapt_pretrain.data.config import DataConfig, DataError, check_data_dir, resolve_dp
 from adapt_pretrain.data.elastic import Segment, StreamSchedule, finite_target, redistribute
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, as_torch, collate, pack_windows
@@ -136,14 +136,18 @@ def _identity(x: Any) -> Any:
 class DataStream:
     """Iterable of micro-batches (TEAM_CONTRACTS format) with exact resume and skip statistics.
 
-    Usage: `ds = DataStream(cfg); for batch in ds: ...; state = ds.state_dict()`;
-    later `ds = DataStream(cfg); ds.load_state_dict(state)` continues with the very next micro-batch.
+    Usage: `ds = DataStream(cfg, dp_rank, dp_size); for batch in ds: ...; state = ds.state_dict()`;
+    later `ds = DataStream(cfg, dp_rank, dp_size); ds.load_state_dict(state)` continues with the very next
+    micro-batch.
     In finite mode one `iter()` is one epoch; the next `iter()` runs the next epoch.
     """
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, dp_rank: Optional[int] = None, dp_size: Optional[int] = None) -> None:
+        """dp_rank / dp_size: this rank's data-parallel coordinates; None reads torch.distributed's (or 0 / 1).
+        With tensor/pipeline parallelism the global rank is not the data-parallel rank: pass both."""
+        check_data_dir(cfg.data_dir)
         self.cfg = cfg
-        self.rank, self.dp_size = cfg.resolved_dp()
+        self.rank, self.dp_size = resolve_dp(dp_rank, dp_size)
         self.manifest = Manifest.load(cfg.data_dir)
         if not self.manifest.shards(cfg.split):
             raise DataError(f"{cfg.data_dir}: split {cfg.split!r} has no shards")

@@ -59,18 +59,19 @@ def ensure_data(cfg: CompareConfig) -> str:
 
 def _tokens_per_step(config: dict[str, Any]) -> tuple[int, int]:
     """(steps, tokens per step) of a raw run config, single data-parallel rank."""
-    from adapt_pretrain.run_config import RunConfig
+    from adapt_pretrain.config import RunConfig
+    from adapt_pretrain.layout import Layout
 
     rc = RunConfig.from_dict(config)
-    layout = rc.layout(rc.parallel.tensor * rc.parallel.pipeline)
-    return rc.train.steps, layout["micro_batch_size"] * layout["num_microbatches"] * rc.model.seq_len * layout["dp"]
+    layout = Layout.plan(rc.parallel, rc.train, rc.parallel.tensor * rc.parallel.pipeline)
+    return rc.train.steps, layout.micro_batch_size * layout.num_microbatches * rc.model.seq_len * layout.dp
 
 
 def validate(cfg: CompareConfig, specs: list[RunSpec]) -> None:
     """Check every run's config now (derived data dirs may not exist yet: validate against the source)."""
     import copy
 
-    from adapt_pretrain.run_config import RunConfig
+    from adapt_pretrain.config import RunConfig
 
     for spec in specs:
         raw = copy.deepcopy(spec.config)
@@ -173,7 +174,7 @@ def finish(spec: RunSpec, work: ScoringWork, evaluation: dict[str, Any], trained
     """Cost the run and cache its result.json (written last: its presence marks a finished run).
     `trained`: wall-clock start and end of the training process (epoch seconds; runs overlap under --jobs)."""
     from adapt_pretrain.flops import ModelShape
-    from adapt_pretrain.run_config import RunConfig
+    from adapt_pretrain.config import RunConfig
 
     rc = RunConfig.from_dict(spec.config)
     steps, per_step = _tokens_per_step(spec.config)
@@ -195,7 +196,7 @@ def estimate(cfg: CompareConfig, specs: list[RunSpec], todo: list[RunSpec], tflo
     and the training time of all runs (and of those still to do) at `tflops` TFLOP/s."""
     from adapt_pretrain.data.manifest import Manifest
     from adapt_pretrain.flops import ModelShape, matmul_params, training_flops
-    from adapt_pretrain.run_config import RunConfig
+    from adapt_pretrain.config import RunConfig
 
     full = int(Manifest.load(cfg.data_dir).raw["splits"]["train"]["tokens"])
     lines, flops_of = [], {}

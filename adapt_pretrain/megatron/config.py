@@ -1,15 +1,16 @@
 """Dataclass configs of the megatron step engine: model shape, parallel layout, optimiser.
 
-Validation happens at construction so a bad value fails at start-up with a message that names the
-field; checks that need the world size (divisibility by TP/PP/VP) happen in `ParallelConfig.resolve`
-and `ModelConfig.check_layout`.
+Each field's rule is declared next to it (adapt_pretrain/config/base.py) and checked at
+construction, so a bad value fails at start-up with a message that names the field. Checks that need
+the world size live in `adapt_pretrain.layout.Layout.plan`; `ModelConfig.check_layout` checks that
+the shape splits over TP/PP/VP.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-from adapt_pretrain.config import ConfigError
+from adapt_pretrain.config.base import ConfigError, Section, choice, flag, integer, number, numbers, optional_integer
 
 ACTIVATIONS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
@@ -19,19 +20,8 @@ ATTENTIONS = ("auto", "te", "sdpa", "local")
 RECOMPUTES = ("none", "selective", "full")
 
 
-def _positive_int(section: str, name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{section}.{name}={value!r} must be a positive integer")
-
-
-def _non_negative(section: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{section}.{name}={value!r} must be a number >= 0")
-    return float(value)
-
-
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """GPT shape and how its layers are built (megatron-core GPTModel).
 
     ffn_hidden_size defaults to 4 * hidden_size. Dropouts default to 0 (usual for pretraining and
@@ -46,63 +36,39 @@ class ModelConfig:
     (torch.compile-d) and, with Transformer Engine, the fused rotary embedding; GPU only.
     """
 
-    vocab_size: int
-    seq_len: int
-    hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    ffn_hidden_size: Optional[int] = None
-    num_query_groups: Optional[int] = None
-    init_method_std: float = 0.02
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation: str = "gelu"
-    normalization: str = "LayerNorm"
-    position_embedding: str = "learned_absolute"
-    tie_embeddings: bool = True
-    add_bias_linear: bool = True
-    layernorm_epsilon: float = 1e-5
-    make_vocab_size_divisible_by: int = 128
-    bf16: bool = True
-    attention: str = "auto"
-    recompute: str = "none"
-    fusions: bool = True
+    SECTION = "model"
 
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "hidden_size", "num_layers", "num_attention_heads",
-                     "make_vocab_size_divisible_by"):
-            _positive_int("model", name, getattr(self, name))
+    vocab_size: int = integer(minimum=1)
+    seq_len: int = integer(minimum=1)
+    hidden_size: int = integer(minimum=1)
+    num_layers: int = integer(minimum=1)
+    num_attention_heads: int = integer(minimum=1)
+    ffn_hidden_size: Optional[int] = optional_integer(None, minimum=1)
+    num_query_groups: Optional[int] = optional_integer(None, minimum=1)
+    init_method_std: float = number(0.02, minimum=0)
+    hidden_dropout: float = number(0.0, minimum=0, below=1)
+    attention_dropout: float = number(0.0, minimum=0, below=1)
+    activation: str = choice("gelu", ACTIVATIONS)
+    normalization: str = choice("LayerNorm", NORMALIZATIONS)
+    position_embedding: str = choice("learned_absolute", POSITION_EMBEDDINGS)
+    tie_embeddings: bool = flag(True)
+    add_bias_linear: bool = flag(True)
+    layernorm_epsilon: float = number(1e-5, minimum=0)
+    make_vocab_size_divisible_by: int = integer(128, minimum=1)
+    bf16: bool = flag(True)
+    attention: str = choice("auto", ATTENTIONS)
+    recompute: str = choice("none", RECOMPUTES)
+    fusions: bool = flag(True)
+
+    def check(self) -> None:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
-        _positive_int("model", "ffn_hidden_size", self.ffn_hidden_size)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
                               f"model.num_attention_heads={self.num_attention_heads}")
-        if self.num_query_groups is not None:
-            _positive_int("model", "num_query_groups", self.num_query_groups)
-            if self.num_attention_heads % self.num_query_groups:
-                raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
-                                  f"model.num_query_groups={self.num_query_groups}")
-        self.init_method_std = _non_negative("model", "init_method_std", self.init_method_std)
-        for name in ("hidden_dropout", "attention_dropout"):
-            value = _non_negative("model", name, getattr(self, name))
-            if value >= 1:
-                raise ConfigError(f"model.{name}={value} must be in [0, 1)")
-            setattr(self, name, value)
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation={self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ConfigError(f"model.normalization={self.normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
-        if self.position_embedding not in POSITION_EMBEDDINGS:
-            raise ConfigError(f"model.position_embedding={self.position_embedding!r}; "
-                              f"choose one of {', '.join(POSITION_EMBEDDINGS)}")
-        if self.attention not in ATTENTIONS:
-            raise ConfigError(f"model.attention={self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
-        if self.recompute not in RECOMPUTES:
-            raise ConfigError(f"model.recompute={self.recompute!r}; choose one of {', '.join(RECOMPUTES)}")
-        for name in ("tie_embeddings", "add_bias_linear", "bf16", "fusions"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"model.{name}={getattr(self, name)!r} must be true or false")
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
+                              f"model.num_query_groups={self.num_query_groups}")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -131,8 +97,9 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
-    """Model-parallel layout. `data` is derived: world_size / (tensor * pipeline).
+class ParallelConfig(Section):
+    """Model-parallel layout. The data-parallel size is not set here: it is derived from the launcher's
+    world size (`adapt_pretrain.layout.Layout.plan`).
 
     virtual_pipeline: model chunks per pipeline rank (interleaved 1F1B); None or 1 = plain 1F1B.
     sequence_parallel: shard activations along the sequence over TP (needs tensor > 1).
@@ -141,26 +108,21 @@ class ParallelConfig:
     distributed optimizer); GPU only, CPU runs keep both off.
     """
 
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: Optional[int] = None
-    sequence_parallel: bool = False
-    overlap_grad_reduce: bool = True
-    overlap_param_gather: bool = True
-    data: Optional[int] = None  # set by resolve(); not a user setting
+    SECTION = "parallel"
+    RUNTIME_KEYS = ("data",)
 
-    def __post_init__(self) -> None:
-        _positive_int("parallel", "tensor", self.tensor)
-        _positive_int("parallel", "pipeline", self.pipeline)
-        if self.virtual_pipeline is not None:
-            _positive_int("parallel", "virtual_pipeline", self.virtual_pipeline)
-            if self.virtual_pipeline == 1:
-                self.virtual_pipeline = None
-            elif self.pipeline < 2:
-                raise ConfigError("parallel.virtual_pipeline > 1 needs parallel.pipeline >= 2")
-        for name in ("sequence_parallel", "overlap_grad_reduce", "overlap_param_gather"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"parallel.{name}={getattr(self, name)!r} must be true or false")
+    tensor: int = integer(1, minimum=1)
+    pipeline: int = integer(1, minimum=1)
+    virtual_pipeline: Optional[int] = optional_integer(None, minimum=1)
+    sequence_parallel: bool = flag(False)
+    overlap_grad_reduce: bool = flag(True)
+    overlap_param_gather: bool = flag(True)
+
+    def check(self) -> None:
+        if self.virtual_pipeline == 1:
+            self.virtual_pipeline = None
+        elif self.virtual_pipeline is not None and self.pipeline < 2:
+            raise ConfigError("parallel.virtual_pipeline > 1 needs parallel.pipeline >= 2")
         if self.sequence_parallel and self.tensor < 2:
             self.sequence_parallel = False  # megatron semantics: meaningless without TP
 
@@ -172,46 +134,25 @@ class ParallelConfig:
     def num_chunks(self) -> int:
         return self.virtual_pipeline or 1
 
-    def resolve(self, world_size: int) -> "ParallelConfig":
-        """Derive `data` from the world size; clear error if the layout does not divide it."""
-        model_parallel = self.tensor * self.pipeline
-        if world_size % model_parallel:
-            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor * parallel.pipeline "
-                              f"= {self.tensor} * {self.pipeline}")
-        self.data = world_size // model_parallel
-        return self
-
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW + warm-up + decay (megatron OptimizerParamScheduler)."""
 
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    lr_decay_style: str = "cosine"
+    SECTION = "optim"
 
-    def __post_init__(self) -> None:
-        self.lr = _non_negative("optim", "lr", self.lr)
-        self.min_lr = _non_negative("optim", "min_lr", self.min_lr)
+    lr: float = number(3e-4, minimum=0)
+    min_lr: float = number(3e-5, minimum=0)
+    weight_decay: float = number(0.1, minimum=0)
+    betas: tuple[float, float] = numbers((0.9, 0.95), count=2, minimum=0, below=1)
+    eps: float = number(1e-8, minimum=0)
+    clip_grad: float = number(1.0, minimum=0)
+    warmup_steps: int = integer(0, minimum=0)
+    total_steps: int = integer(1000, minimum=1)
+    lr_decay_style: str = choice("cosine", LR_DECAY_STYLES)
+
+    def check(self) -> None:
         if self.min_lr > self.lr:
             raise ConfigError(f"optim.min_lr={self.min_lr} must be <= optim.lr={self.lr}")
-        self.weight_decay = _non_negative("optim", "weight_decay", self.weight_decay)
-        betas = tuple(self.betas)
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
-            raise ConfigError(f"optim.betas={self.betas!r} must be two numbers in [0, 1)")
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = _non_negative("optim", "eps", self.eps)
-        self.clip_grad = _non_negative("optim", "clip_grad", self.clip_grad)
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0")
-        _positive_int("optim", "total_steps", self.total_steps)
         if self.warmup_steps >= self.total_steps:  # megatron's scheduler asserts decay steps > warm-up steps
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be < optim.total_steps={self.total_steps}")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ConfigError(f"optim.lr_decay_style={self.lr_decay_style!r}; choose one of {', '.join(LR_DECAY_STYLES)}")

@@ -14,13 +14,15 @@ import torch
 import torch.distributed as dist
 
 from adapt_pretrain.deepspeed.launcher import DEFAULT_COLLECTIVE_TIMEOUT_S
+from adapt_pretrain.layout import data_parallel_size
 from adapt_pretrain.megatron import cpu_compat
 from adapt_pretrain.megatron.config import ParallelConfig
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """This rank's coordinates in the layout (all plain ints/bools, cheap to log)."""
+    """This rank's coordinates in the layout (all plain ints/bools, cheap to log), read from megatron's
+    parallel_state; the sizes are the planned `adapt_pretrain.layout.Layout`'s."""
 
     rank: int
     world_size: int
@@ -94,8 +96,7 @@ def setup_parallel(parallel: ParallelConfig, seed: int,
 
     _OWNS_GROUP = _init_process_group(timeout_s) or _OWNS_GROUP
     compat = cpu_compat.activate()
-    world = dist.get_world_size()
-    parallel.resolve(world)
+    data_parallel_size(parallel, dist.get_world_size())  # a clear ConfigError before megatron asserts
     if torch.cuda.is_available():  # also when a launcher (deepspeed) initialised the group already
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if ps.model_parallel_is_initialized():

@@ -29,12 +29,13 @@ import string
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from adapt_pretrain.logs import get_logger
+from adapt_pretrain.monitor.config import WANDB_MODES, WandbConfig  # noqa: F401 - re-exported
 
 METRICS_FILE = "metrics.jsonl"
 META_FILE = "monitor.json"
@@ -50,79 +51,7 @@ _STDOUT_KEYS = (  # (key, short label, format) for the one-line console summary
 )
 
 
-WANDB_MODES = ("online", "offline", "disabled")
 RUN_ID_FILE = "wandb_run_id"  # in the run directory: one training run (with its resumes) is one W&B run
-
-
-@dataclass
-class WandbConfig:
-    """W&B mirror settings (validated at construction: a bad value names its field).
-
-    mode: "online" | "offline" | "disabled"; None resolves to $WANDB_MODE if set, else "online"
-    when $WANDB_API_KEY is set, else "offline" (sync later with `wandb sync <run_dir>/wandb/offline-run-*`).
-    histogram_interval / table_interval: cadence the trainer should follow for the expensive parts
-    (see `Monitor.histogram_due` / `table_due`); 0 turns them off.
-    dir: where W&B writes its `wandb/` folder; None means the run directory.
-    init_timeout: seconds W&B may take to start a run (wandb adds ~10 s when it looks up a run to
-        resume); an online start that fails or times out falls back to an offline run when
-        offline_fallback is on (upload it later with `wandb sync`), else turns the mirror off.
-    background: hand W&B calls to one worker thread (in order) so `wandb.log` (~2 ms for ~50 keys)
-        does not block the training step; `close()` drains it.
-    """
-
-    enabled: bool = True
-    project: str = "adapt-pretrain"
-    mode: str | None = None
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    tags: tuple[str, ...] = ()
-    histogram_interval: int = 10
-    table_interval: int = 100
-    dir: str | None = None
-    init_timeout: float = 30.0
-    background: bool = True
-    offline_fallback: bool = True
-
-    def __post_init__(self) -> None:
-        from adapt_pretrain.config import ConfigError
-
-        def fail(name: str, rule: str) -> None:
-            raise ConfigError(f"wandb.{name}={getattr(self, name)!r} {rule}")
-
-        for name in ("enabled", "background", "offline_fallback"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "must be true or false")
-        if not isinstance(self.project, str) or not self.project:
-            fail("project", "must be a non-empty string")
-        if self.mode is not None and self.mode not in WANDB_MODES:
-            fail("mode", f"is invalid; choose one of {', '.join(WANDB_MODES)} (or leave it unset)")
-        for name in ("entity", "name", "group", "dir"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                fail(name, "must be a string (or unset)")
-        tags = [self.tags] if isinstance(self.tags, str) else self.tags
-        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
-            fail("tags", "must be a list of strings")
-        self.tags = tuple(tags)
-        for name in ("histogram_interval", "table_interval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(name, "must be an integer >= 0 (0 turns it off)")
-        timeout = self.init_timeout
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-                or timeout <= 0:
-            fail("init_timeout", "must be a finite number of seconds > 0")
-        self.init_timeout = float(timeout)
-
-    def resolved_mode(self) -> str:
-        if not self.enabled:
-            return "disabled"
-        if self.mode:
-            return self.mode
-        env = os.environ.get("WANDB_MODE")
-        if env:
-            return env
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 Histogram = tuple[Sequence[float], Sequence[float]]

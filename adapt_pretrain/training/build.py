@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapt_pretrain.config import ConfigError
+from adapt_pretrain.config import ConfigError, RunConfig
+from adapt_pretrain.data.config import check_data_dir
 from adapt_pretrain.logs import get_logger
-from adapt_pretrain.run_config import RunConfig
 from adapt_pretrain.training.collective import barrier
 
 log = get_logger(__name__)
@@ -48,7 +48,8 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
             prepare(dataclasses.replace(cfg.prepare, overwrite=True))
             log.info(f"data prepared in {time.perf_counter() - t0:.1f}s")
         barrier()
-    return cfg.data_config()
+    check_data_dir(cfg.data.data_dir)  # first use of the directory: a ConfigError naming data.data_dir
+    return cfg.data
 
 
 def build_parts(cfg: RunConfig, info: Any, num_microbatches: int) -> Parts:
@@ -64,7 +65,7 @@ def build_parts(cfg: RunConfig, info: Any, num_microbatches: int) -> Parts:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({manifest.vocab_size}) in {data_cfg.data_dir}")
     domains = list(manifest.domains)
-    loader = DataStream(dataclasses.replace(data_cfg, dp_rank=info.dp_rank, dp_size=info.dp_size))
+    loader = DataStream(data_cfg, dp_rank=info.dp_rank, dp_size=info.dp_size)
     chunks = build_model(cfg.model, cfg.parallel)
     optimizer, scheduler = build_optimizer(chunks, cfg.optim)
     engine = AdaptEngine(cfg.adapt)

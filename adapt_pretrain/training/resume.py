@@ -15,7 +15,7 @@ from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_com
                                        consented_changes, has_checksums, read_meta, same_layout, select_checkpoint,
                                        set_aside_all, set_aside_newer, set_rng_state, step_of, verify_everywhere)
 from adapt_pretrain.data.config import DataError
-from adapt_pretrain.run_config import RunConfig
+from adapt_pretrain.config import RunConfig
 from adapt_pretrain.training.collective import exchange, on_rank0, say
 
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from adapt_pretrain.deepspeed.launcher import DistEnv
-from adapt_pretrain.run_config import RunConfig
+from adapt_pretrain.config import RunConfig
+from adapt_pretrain.layout import Layout
 from adapt_pretrain.training.build import build_monitor, build_parts
 from adapt_pretrain.training.callbacks import Callback, CallbackList, default_callbacks
 from adapt_pretrain.training.resume import Resumer, checkpoint_root
@@ -84,9 +85,9 @@ class Trainer:
         else:
             torch.manual_seed(cfg.train.seed)  # same initial weights as a fresh setup would give
             self.info = parallel_info()
-        self.layout = cfg.layout(self.info.world_size)
-        self.num_microbatches = self.layout["num_microbatches"]
-        self.samples_per_step = self.layout["dp"] * self.num_microbatches * cfg.train.micro_batch_size
+        self.layout = Layout.plan(cfg.parallel, cfg.train, self.info.world_size)
+        self.num_microbatches = self.layout.num_microbatches
+        self.samples_per_step = self.layout.global_batch_size
         self.run_dir = cfg.train.run_dir
         self.ckpt_root = checkpoint_root(self.run_dir)
         if self.info.rank == 0:
@@ -96,7 +97,7 @@ class Trainer:
         self.last_step: StepRecord | None = None
         self.stop_reason: str | None = None
         # Cheap checks first: a refused resume fails before data and model are built.
-        resumer = Resumer(cfg, self.layout, self.info.rank)
+        resumer = Resumer(cfg, self.layout.as_dict(), self.info.rank)
         plan = resumer.plan(resume, restart, allow_change)
         self.parts = build_parts(cfg, self.info, self.num_microbatches)
         self.resumed_from: str | None = None
@@ -106,7 +107,7 @@ class Trainer:
             self.resumed_from = plan.path
             if self.info.rank == 0:
                 print(f"[adapt-pretrain] resumed from {plan.path} at step {self.state.step}", flush=True)
-        self.monitor = build_monitor(cfg, self.info, self.layout)
+        self.monitor = build_monitor(cfg, self.info, self.layout.as_dict())
         for name, fields in resumer.events:
             self.monitor.log_event(self.state.step, name, **fields)
         self._data_iter: Iterator[dict] | None = None

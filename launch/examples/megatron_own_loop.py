@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from adapt_pretrain.config import load_run_config
 from adapt_pretrain.data.anchors import anchor_batches
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.prepare import prepare
 from adapt_pretrain.data.stream import DataStream
+from adapt_pretrain.layout import Layout
 from adapt_pretrain.megatron import AdaptMegatron, build_model, build_optimizer, setup_parallel, teardown_parallel
 from adapt_pretrain.monitor import Monitor
-from adapt_pretrain.run_config import load_run_config
 
 
 def prepared_data(cfg: Any, rank: int) -> Any:
@@ -39,7 +40,7 @@ def prepared_data(cfg: Any, rank: int) -> Any:
             prepare(dataclasses.replace(cfg.prepare, overwrite=True))
         if dist.is_initialized():
             dist.barrier()
-    return cfg.data_config()
+    return cfg.data
 
 
 def forever(stream: DataStream) -> Iterator[dict]:
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     cfg = load_run_config(args.config, args.overrides)
 
     info = setup_parallel(cfg.parallel, cfg.train.seed)
-    num_micro = cfg.layout(info.world_size)["num_microbatches"]
+    num_micro = Layout.plan(cfg.parallel, cfg.train, info.world_size).num_microbatches
     data_cfg = prepared_data(cfg, info.rank)
     domains = Manifest.load(data_cfg.data_dir).domains
-    stream = forever(DataStream(dataclasses.replace(data_cfg, dp_rank=info.dp_rank, dp_size=info.dp_size)))
+    stream = forever(DataStream(data_cfg, dp_rank=info.dp_rank, dp_size=info.dp_size))
     chunks = build_model(cfg.model, cfg.parallel)
     optimizer, scheduler = build_optimizer(chunks, cfg.optim)
     forward_backward = get_forward_backward_func()

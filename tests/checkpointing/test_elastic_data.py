@@ -19,7 +19,7 @@ import pytest
 
 from adapt_pretrain.data import DataError, DataStream, Manifest
 from adapt_pretrain.data.elastic import Segment, StreamSchedule, redistribute
-from tests.data.test_stream import MBS, SEQ, assemble, cfg, check_exactly_once, source_docs, take
+from tests.data.test_stream import MBS, SEQ, assemble, check_exactly_once, source_docs, stream, take
 
 DOCS, TOKENS = 3, 4  # simulated shard: documents x tokens per document
 
@@ -119,13 +119,13 @@ def test_finite_epoch_resumed_with_another_layout_reads_every_document_once(prep
     """(dp, workers) before -> after, stopped at an odd micro-batch: the rest of the epoch completes
     every document exactly once, and the documents' label counts equal an uninterrupted run's."""
     (dp0, w0), (dp1, w1) = before, after
-    reference = [take(DataStream(cfg(prepared, mode="finite", dp_size=dp0, dp_rank=r, num_workers=w0)))
+    reference = [take(stream(prepared, mode="finite", dp_size=dp0, dp_rank=r, num_workers=w0))
                  for r in range(dp0)]
-    first = [DataStream(cfg(prepared, mode="finite", dp_size=dp0, dp_rank=r, num_workers=w0)) for r in range(dp0)]
+    first = [stream(prepared, mode="finite", dp_size=dp0, dp_rank=r, num_workers=w0) for r in range(dp0)]
     stop = 7
     head = [take(s, stop) for s in first]
     states = _states(first)
-    resumed = [DataStream(cfg(prepared, mode="finite", dp_size=dp1, dp_rank=r, num_workers=w1)) for r in range(dp1)]
+    resumed = [stream(prepared, mode="finite", dp_size=dp1, dp_rank=r, num_workers=w1) for r in range(dp1)]
     for s in resumed:
         s.load_state_dict(states)
     rest = [take(s) for s in resumed]
@@ -145,10 +145,10 @@ def test_finite_epoch_resumed_with_another_layout_reads_every_document_once(prep
 def test_infinite_stream_resumed_with_another_layout_continues_the_cut_documents(prepared):
     """Infinite mode, 2 ranks x 2 workers -> 1 rank: the documents cut at the checkpoint continue at
     the exact token, and no other document read before is read again (all within epoch 0 here)."""
-    first = [DataStream(cfg(prepared, dp_rank=r)) for r in range(2)]
+    first = [stream(prepared, dp_rank=r) for r in range(2)]
     head = [take(s, 5) for s in first]
     states = _states(first)
-    one = DataStream(cfg(prepared, dp_size=1, dp_rank=0))
+    one = stream(prepared, dp_size=1, dp_rank=0)
     one.load_state_dict(states)
     partly_read = [i for items in one.segment.items for i in items if i[3]]
     assert len(partly_read) == 4  # every old stream (2 ranks x 2 workers) was inside a shard
@@ -168,15 +168,15 @@ def test_infinite_stream_resumed_with_another_layout_continues_the_cut_documents
 
 
 def test_elastic_resume_still_refuses_other_data_or_seed(prepared):
-    first = [DataStream(cfg(prepared, dp_rank=r)) for r in range(2)]
+    first = [stream(prepared, dp_rank=r) for r in range(2)]
     for s in first:
         take(s, 3)
     states = _states(first)
     with pytest.raises(DataError, match="seed"):
-        DataStream(cfg(prepared, dp_size=1, dp_rank=0, seed=4)).load_state_dict(states)
+        stream(prepared, dp_size=1, dp_rank=0, seed=4).load_state_dict(states)
     with pytest.raises(DataError, match="manifest"):
-        DataStream(cfg(prepared, dp_size=1, dp_rank=0)).load_state_dict([dict(s, manifest="0" * 16) for s in states])
+        stream(prepared, dp_size=1, dp_rank=0).load_state_dict([dict(s, manifest="0" * 16) for s in states])
     with pytest.raises(DataError, match="ranks 0..n-1"):
-        DataStream(cfg(prepared, dp_size=1, dp_rank=0)).load_state_dict(states[1:])
+        stream(prepared, dp_size=1, dp_rank=0).load_state_dict(states[1:])
     with pytest.raises(DataError, match="dp_size.*pass every data-parallel rank's state"):
-        DataStream(cfg(prepared, dp_size=1, dp_rank=0)).load_state_dict(states[0])
+        stream(prepared, dp_size=1, dp_rank=0).load_state_dict(states[0])

@@ -26,7 +26,7 @@ def damaged(prepared, tmp_path):
 
 
 def _cfg(d, **kw):
-    base = dict(data_dir=d, seq_len=64, micro_batch_size=4, num_workers=2, dp_size=1, dp_rank=0, mode="finite")
+    base = dict(data_dir=d, seq_len=64, micro_batch_size=4, num_workers=2, mode="finite")
     base.update(kw)
     return DataConfig(**base)
 

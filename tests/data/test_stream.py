@@ -37,9 +37,14 @@ def take(ds: DataStream, n: int | None = None) -> list[dict]:
 
 
 def cfg(data_dir, **kw):
-    base = dict(data_dir=data_dir, seq_len=SEQ, micro_batch_size=MBS, num_workers=2, seed=3, dp_size=2, dp_rank=0)
+    base = dict(data_dir=data_dir, seq_len=SEQ, micro_batch_size=MBS, num_workers=2, seed=3)
     base.update(kw)
     return DataConfig(**base)
+
+
+def stream(data_dir, dp_rank: int = 0, dp_size: int = 2, **kw) -> DataStream:
+    """A DataStream of `cfg(data_dir, **kw)` at the given data-parallel coordinates."""
+    return DataStream(cfg(data_dir, **kw), dp_rank=dp_rank, dp_size=dp_size)
 
 
 def assemble(batches: list[dict], pieces: dict[int, list[np.ndarray]], domains: dict[int, int]) -> None:
@@ -78,19 +83,18 @@ def check_exactly_once(data_dir: str, per_rank: list[list[dict]], num_streams: i
 
 
 def test_finite_epoch_every_document_once_over_2_ranks_x_2_workers(prepared):
-    per_rank = [take(DataStream(cfg(prepared, dp_rank=r, mode="finite"))) for r in range(2)]
-    n = DataStream(cfg(prepared, mode="finite")).batches_per_epoch()
+    per_rank = [take(stream(prepared, dp_rank=r, mode="finite")) for r in range(2)]
+    n = stream(prepared, mode="finite").batches_per_epoch()
     assert len(per_rank[0]) == len(per_rank[1]) == n
     check_exactly_once(prepared, per_rank, 4)
 
 
 def test_finite_drop_balance_gives_min_count_and_counts_nothing_as_skip(prepared):
-    c = cfg(prepared, mode="finite", finite_balance="drop")
     m, expected = plan.finite_batches_per_worker(3, 0, [s["tokens"] for s in Manifest.load(prepared).shards("train")],
                                                  [s["docs"] for s in Manifest.load(prepared).shards("train")],
                                                  4, SEQ, MBS, "drop")
     assert m == min(expected) and len(set(expected)) > 1  # shards are uneven here
-    lens = [len(take(DataStream(cfg(prepared, dp_rank=r, mode="finite", finite_balance="drop")))) for r in range(2)]
+    lens = [len(take(stream(prepared, dp_rank=r, mode="finite", finite_balance="drop"))) for r in range(2)]
     assert lens == [2 * m, 2 * m]
 
 
@@ -106,9 +110,8 @@ def test_infinite_schedule_reads_each_shard_once_per_epoch():
 
 
 def test_infinite_mode_runs_past_an_epoch(prepared):
-    c = cfg(prepared, num_workers=1, dp_size=1)
-    per_epoch = DataStream(cfg(prepared, num_workers=1, dp_size=1, mode="finite")).batches_per_epoch()
-    ds = DataStream(c)
+    per_epoch = stream(prepared, num_workers=1, dp_size=1, mode="finite").batches_per_epoch()
+    ds = stream(prepared, num_workers=1, dp_size=1)
     batches = take(ds, per_epoch + 20)
     assert len(batches) == per_epoch + 20 and all(b["num_groups"] > 0 for b in batches)
 
@@ -121,7 +124,7 @@ def same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("mode", ["infinite", "finite"])
 def test_resume_equals_uninterrupted_2_ranks_x_2_workers(prepared, mode):
     for rank in range(2):
-        ref_ds = DataStream(cfg(prepared, dp_rank=rank, mode=mode))
+        ref_ds = stream(prepared, dp_rank=rank, mode=mode)
         if mode == "finite":
             n0 = ref_ds.batches_per_epoch()
             ref = take(ref_ds) + take(ref_ds, 6)  # epoch 0, then the start of epoch 1
@@ -130,10 +133,10 @@ def test_resume_equals_uninterrupted_2_ranks_x_2_workers(prepared, mode):
             ref = take(ref_ds, 40)
             stops = [7, 22]
         for stop in stops:
-            ds = DataStream(cfg(prepared, dp_rank=rank, mode=mode))
+            ds = stream(prepared, dp_rank=rank, mode=mode)
             first = take(ds, stop)
             state = json.loads(json.dumps(ds.state_dict()))  # must survive a JSON checkpoint
-            resumed = DataStream(cfg(prepared, dp_rank=rank, mode=mode))
+            resumed = stream(prepared, dp_rank=rank, mode=mode)
             resumed.load_state_dict(state)
             rest = take(resumed)[: len(ref) - stop] if mode == "finite" else take(resumed, len(ref) - stop)
             if mode == "finite":  # finish epoch 0, then one more iter() for epoch 1
@@ -145,15 +148,15 @@ def test_resume_equals_uninterrupted_2_ranks_x_2_workers(prepared, mode):
 
 
 def test_resume_refuses_different_settings(prepared):
-    ds = DataStream(cfg(prepared))
+    ds = stream(prepared)
     take(ds, 3)
     state = ds.state_dict()
     for change, word in [(dict(dp_size=4), "dp_size"), (dict(num_workers=1), "num_workers"), (dict(seed=4), "seed")]:
         with pytest.raises(DataError, match=word):
-            DataStream(cfg(prepared, **change)).load_state_dict(state)
+            stream(prepared, **change).load_state_dict(state)
     bad = dict(state, manifest="0" * 16)
     with pytest.raises(DataError, match="manifest"):
-        DataStream(cfg(prepared)).load_state_dict(bad)
+        stream(prepared).load_state_dict(bad)
 
 
 def _distributed_epoch(rank: int, world: int, data_dir: str) -> dict:
@@ -195,11 +198,11 @@ def test_anchor_batches_sharded_over_ranks(prepared):
 
 
 def test_finite_epoch_consumed_exactly_then_next_iter_is_next_epoch(prepared):
-    c = cfg(prepared, mode="finite", num_workers=1, dp_size=1)
-    ref = DataStream(c)
+    c = cfg(prepared, mode="finite", num_workers=1)
+    ref = DataStream(c, dp_rank=0, dp_size=1)
     n = ref.batches_per_epoch()
     ep0, ep1 = take(ref), take(ref, 3)
-    ds = DataStream(c)
+    ds = DataStream(c, dp_rank=0, dp_size=1)
     first = take(ds, n)  # stop right after the last batch without exhausting the iterator
     again = take(ds, 3)
     assert all(same(a, b) for a, b in zip(first + again, ep0 + ep1)) and len(again) == 3

@@ -49,7 +49,7 @@ def _micro_batches(data_dir: str) -> tuple[list, list]:
     steps, anchors = [], []
     for rank in range(WORLD):
         stream = iter(DataStream(DataConfig(data_dir=data_dir, seq_len=_runs.SEQ, micro_batch_size=_runs.MICRO,
-                                            num_workers=0, dp_rank=rank, dp_size=WORLD)))
+                                            num_workers=0), dp_rank=rank, dp_size=WORLD))
         steps.append([[next(stream) for _ in range(_runs.GAS)] for _ in range(STEPS)])
         anchors.append(anchor_batches(data_dir, _runs.SEQ, _runs.MICRO, rank, WORLD,
                                       num_anchors=_runs.ADAPT["num_anchors"]))

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.layout import Layout
 from adapt_pretrain.megatron import ModelConfig, OptimConfig, ParallelConfig
+from adapt_pretrain.training.config import TrainConfig
 
 
 def _model(**kw):
@@ -31,14 +33,14 @@ def test_model_rejects(kw, field):
 
 
 def test_layout_checks():
-    _model().check_layout(ParallelConfig(tensor=2, pipeline=2).resolve(4))
+    _model().check_layout(ParallelConfig(tensor=2, pipeline=2))
     with pytest.raises(ConfigError, match="num_layers"):
         _model(num_layers=3).check_layout(ParallelConfig(pipeline=2))
     with pytest.raises(ConfigError, match="num_attention_heads"):
         _model(num_attention_heads=2, hidden_size=64).check_layout(ParallelConfig(tensor=4))
     with pytest.raises(ConfigError, match="world size 6"):
-        ParallelConfig(tensor=4).resolve(6)
-    assert ParallelConfig(tensor=2).resolve(8).data == 4
+        Layout.plan(ParallelConfig(tensor=4), TrainConfig(), 6)
+    assert Layout.plan(ParallelConfig(tensor=2), TrainConfig(), 8).dp == 4
 
 
 def test_parallel_and_optim_rejects():

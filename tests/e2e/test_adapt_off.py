@@ -48,24 +48,23 @@ def _harness(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 def _plain(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
     """A textbook megatron-core loop without any ADAPT code on the loss path."""
-    import dataclasses
-
     from megatron.core.distributed import finalize_model_grads
 
     from adapt_pretrain.data.stream import DataStream
+    from adapt_pretrain.layout import Layout
     from adapt_pretrain.megatron import build_model, build_optimizer, setup_parallel, teardown_parallel
 
     setup_parallel(cfg.parallel, cfg.train.seed)
     chunks = build_model(cfg.model, cfg.parallel)
     (model,) = chunks
     optimizer, scheduler = build_optimizer(chunks, cfg.optim)
-    data = iter(DataStream(dataclasses.replace(cfg.data, dp_rank=0, dp_size=1)))
+    data = iter(DataStream(cfg.data, dp_rank=0, dp_size=1))
     losses = []
     for _ in range(STEPS):
         model.zero_grad_buffer()
         optimizer.zero_grad()
         loss_sum, tokens = 0.0, 0
-        for _ in range(cfg.layout(1)["num_microbatches"]):
+        for _ in range(Layout.plan(cfg.parallel, cfg.train, 1).num_microbatches):
             batch = next(data)
             b, s = batch["tokens"].shape
             # GPTModel's own loss path (labels given): per-token CE [b, s], as megatron's pretrain_gpt uses it
@@ -86,7 +85,7 @@ def _plain(cfg) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 def _compare(rank: int, world: int, data_dir: str, run_dir: str) -> dict:
-    from adapt_pretrain.run_config import load_run_config
+    from adapt_pretrain.config import load_run_config
 
     cfg = load_run_config(None, _overrides(data_dir, run_dir))
     harness_losses, harness_params = _harness(cfg)

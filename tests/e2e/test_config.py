@@ -14,7 +14,8 @@ import yaml
 
 from adapt_pretrain.checkpoint import CheckpointError, check_resume_compatible, consent_problems, consented_changes
 from adapt_pretrain.config import ConfigError
-from adapt_pretrain.run_config import load_run_config
+from adapt_pretrain.config import load_run_config
+from adapt_pretrain.layout import Layout
 
 from .conftest import TINY_MODEL
 
@@ -39,8 +40,9 @@ def test_yaml_loads_and_derives(tmp_path, demo_data_dir):
     assert cfg.train.steps == 7 and cfg.adapt.tau == 0.5 and cfg.adapt.enabled is True
     assert cfg.data.seq_len == 32 and cfg.data.micro_batch_size == 2  # stated once, in model/train
     assert cfg.optim.total_steps == 7  # the LR horizon follows train.steps unless given
-    assert cfg.layout(2) == {"world_size": 2, "tp": 1, "pp": 1, "vp": 1, "dp": 2, "micro_batch_size": 2,
-                             "num_microbatches": 2}
+    layout = Layout.plan(cfg.parallel, cfg.train, 2)
+    assert layout.as_dict() == {"world_size": 2, "tp": 1, "pp": 1, "vp": 1, "dp": 2, "micro_batch_size": 2,
+                                "num_microbatches": 2}  # as checkpoints store it (meta "layout")
 
 
 @pytest.mark.parametrize("override, field", [
@@ -62,6 +64,31 @@ def test_bad_values_name_the_field(tmp_path, demo_data_dir, override, field):
     assert field in str(err.value)
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("adapt.enabeld=true", "did you mean adapt.enabled?"),
+    ("trian.steps=3", "did you mean train?"),
+    ("optim.min_rl=0.1", "did you mean optim.min_lr?"),
+])
+def test_misspelt_overrides_get_a_suggestion(tmp_path, demo_data_dir, override, hint):
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write_yaml(tmp_path, base(demo_data_dir)), [override])
+    assert hint in str(err.value) and override in str(err.value)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.dp_rank=1", "data.dp_rank"), ("data.dp_size=2", "data.dp_size"), ("parallel.data=2", "parallel.data")])
+def test_runtime_values_are_refused_with_the_reason(tmp_path, demo_data_dir, override, field):
+    """The data-parallel coordinates come from the launcher's world size, never from the config."""
+    for attempt in ([override], None):
+        data = base(demo_data_dir)
+        if attempt is None:  # the same key written in the file
+            section, key = field.split(".")
+            data.setdefault(section, {})[key] = 2
+        with pytest.raises(ConfigError) as err:
+            load_run_config(write_yaml(tmp_path, data), attempt)
+        assert f"{field} is derived from the launcher's world size" in str(err.value)
+
+
 @pytest.mark.parametrize("override", ["train.steps", "steps=3", ".steps=3", "train.=3"])
 def test_malformed_overrides(tmp_path, demo_data_dir, override):
     with pytest.raises(ConfigError, match="override"):
@@ -71,20 +98,26 @@ def test_malformed_overrides(tmp_path, demo_data_dir, override):
 def test_unknown_section_and_key_in_file(tmp_path, demo_data_dir):
     data = base(demo_data_dir)
     data["modle"] = {}
-    with pytest.raises(ConfigError, match="modle"):
+    with pytest.raises(ConfigError, match="modle.*did you mean model\\?"):
         load_run_config(write_yaml(tmp_path, data))
     data = base(demo_data_dir)
     data["train"]["stpes"] = 3
-    with pytest.raises(ConfigError, match="stpes"):
+    with pytest.raises(ConfigError, match="stpes.*did you mean train.steps\\?"):
         load_run_config(write_yaml(tmp_path, data))
+    data = base(demo_data_dir)
+    data["train"]["zzzz"] = 3  # nothing close: no guess, but the known keys are listed
+    with pytest.raises(ConfigError) as err:
+        load_run_config(write_yaml(tmp_path, data))
+    assert "did you mean" not in str(err.value) and "known: " in str(err.value) and "micro_batch_size" in str(err.value)
 
 
 def test_batch_divisibility(tmp_path, demo_data_dir):
     cfg = load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["train.global_batch_size=6"])
     with pytest.raises(ConfigError, match="train.global_batch_size=6"):
-        cfg.layout(2)
+        Layout.plan(cfg.parallel, cfg.train, 2)
+    cfg = load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["parallel.pipeline=2"])
     with pytest.raises(ConfigError, match="parallel.tensor"):
-        load_run_config(write_yaml(tmp_path, base(demo_data_dir)), ["parallel.pipeline=2"]).layout(3)
+        Layout.plan(cfg.parallel, cfg.train, 3)
 
 
 def test_deepspeed_json(tmp_path, demo_data_dir):
@@ -108,7 +141,7 @@ def test_deepspeed_json(tmp_path, demo_data_dir):
     path.write_text(json.dumps(ds))
     cfg = load_run_config(str(path))
     assert (cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, cfg.train.log_interval) == (2, 3, 4)
-    assert cfg.layout(2)["num_microbatches"] == 3
+    assert Layout.plan(cfg.parallel, cfg.train, 2).num_microbatches == 3
     assert cfg.optim.clip_grad == 0.5 and cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
     assert cfg.optim.eps == 1e-6 and cfg.optim.weight_decay == 0.01
     assert (cfg.optim.warmup_steps, cfg.optim.total_steps, cfg.optim.lr_decay_style) == (2, 50, "cosine")
@@ -172,6 +205,18 @@ def test_cli_reports_config_error(tmp_path, demo_data_dir):
     proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config", str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_cli_refuses_an_unprepared_data_dir(tmp_path, demo_data_dir):
+    """The config names a directory without manifest.json (and no `prepare` section): the trainer
+    refuses it where it first uses it, as a config error naming the field."""
+    missing = tmp_path / "never-prepared"
+    proc = subprocess.run([sys.executable, "-m", "adapt_pretrain.train", "--config",
+                           write_yaml(tmp_path, base(demo_data_dir)), f"data.data_dir={missing}",
+                           f"train.run_dir={tmp_path / 'run'}", "wandb.enabled=false"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert f"data.data_dir='{missing}' has no manifest.json" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_rejects_allow_change_outside_optim(tmp_path, demo_data_dir):

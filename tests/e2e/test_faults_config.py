@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from adapt_pretrain.config import ConfigError
-from adapt_pretrain.run_config import load_run_config
+from adapt_pretrain.config import load_run_config
 
 from .conftest import TINY_MODEL
 from .helpers import PYTHON, REPO, run, train_plain

@@ -141,7 +141,7 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
                         out_dir: Optional[str] = None, corpus: Optional[list[str]] = None,
                         overrides: tuple[str, ...] = ()) -> CompareConfig:
     """Read, override (`--corpus`, dotted `key.sub=value`, methods, seeds, out_dir) and validate a config."""
-    from adapt_pretrain.run_config import parse_override
+    from adapt_pretrain.config import parse_override
 
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
@@ -201,7 +201,7 @@ class RunSpec:
 def run_config(cfg: CompareConfig, preset: MethodPreset, seed: int, data_dir: str, run_dir: str,
                extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw RunConfig dict of one run: shared sections + preset + per-method overrides + identity."""
-    from adapt_pretrain.run_config import apply_overrides
+    from adapt_pretrain.config import apply_overrides
 
     overrides = preset.run_overrides(seed, run_dir, data_dir, (*cfg.method_overrides.get(preset.name, ()), *extra))
     # training output goes to a log file: a progress bar there is one endless line of redraws

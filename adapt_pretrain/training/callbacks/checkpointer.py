@@ -57,7 +57,7 @@ class Checkpointer(Callback):
         from adapt_pretrain.megatron.run_state import checkpoint_files
 
         info, step = trainer.info, trainer.state.step
-        meta = {"config": trainer.cfg.to_dict(), "layout": trainer.layout, "domains": trainer.parts.domains,
+        meta = {"config": trainer.cfg.to_dict(), "layout": trainer.layout.as_dict(), "domains": trainer.parts.domains,
                 "state": "sharded"}
         path = save_checkpoint(trainer.ckpt_root, step, lambda directory: self._write_state(trainer, directory),
                                meta, info.rank, exchange, expected=checkpoint_files(info.world_size, info.dp_size))
