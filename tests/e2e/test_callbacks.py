@@ -60,7 +60,7 @@ def _overrides(data_dir: str, run_dir: str) -> list[str]:
 def _stop_then_resume(rank: int, world: int, data_dir: str, run_dir: str) -> dict:
     from adapt_pretrain.deepspeed.launcher import read_dist_env
     from adapt_pretrain.megatron import teardown_parallel
-    from adapt_pretrain.run_config import load_run_config
+    from adapt_pretrain.config import load_run_config
     from adapt_pretrain.training.callbacks import MetricsLogger
     from adapt_pretrain.training.trainer import Trainer
 
