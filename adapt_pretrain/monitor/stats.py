@@ -27,6 +27,8 @@ until `finalize` (call it only on logging steps).
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -137,14 +139,13 @@ def _histogram2(w: Tensor, s: Tensor, layout: StatsLayout) -> Tensor:
     return torch.bincount(idx, minlength=2 * b).to(torch.float64)
 
 
-def populated_span(counts: Sequence[float], edges: Sequence[float]) -> tuple[list[float], list[float]]:
-    """(counts, edges) cut to the bins from the first to the last non-empty one (same grid, fewer
-    bins); an all-empty histogram is returned whole."""
+def populated_span(counts: Sequence[float], lo: float, hi: float) -> tuple[list[float], list[float]]:
+    """(counts, edges) of a fixed-bin histogram over [lo, hi], cut to the bins from the first to the
+    last non-empty one (same grid, fewer bins); an all-empty histogram is returned whole."""
+    bins = len(counts)
     nonzero = [i for i, c in enumerate(counts) if c > 0]
-    if not nonzero:
-        return list(counts), list(edges)
-    lo, hi = nonzero[0], nonzero[-1] + 1
-    return list(counts[lo:hi]), list(edges[lo:hi + 1])
+    first, last = (nonzero[0], nonzero[-1] + 1) if nonzero else (0, bins)
+    return list(counts[first:last]), [lo + (hi - lo) * i / bins for i in range(first, last + 1)]
 
 
 def partial_stats(
@@ -188,18 +189,21 @@ def partial_stats(
 
 def histogram_quantiles(counts: Sequence[float], edges: Sequence[float], qs: Sequence[float],
                         vmin: float, vmax: float) -> list[float]:
-    """Approximate quantiles from a histogram: linear inside the bin, clipped to the exact [vmin, vmax]."""
-    total = float(sum(counts))
+    """Approximate quantiles from a histogram: linear inside the bin, clipped to the exact [vmin, vmax].
+    One cumulative sum and a binary search per quantile (hundreds of bins on every logging step)."""
+    cum = list(itertools.accumulate(counts))
+    total = cum[-1] if cum else 0.0
     out: list[float] = []
     for q in qs:
-        target, cum = q * total, 0.0
-        value = edges[-1]
-        for i, c in enumerate(counts):
-            if c > 0 and cum + c >= target:
-                frac = (target - cum) / c
-                value = edges[i] + frac * (edges[i + 1] - edges[i])
-                break
-            cum += c
+        target = q * total
+        i = bisect.bisect_left(cum, target)  # the first bin whose cumulative count reaches the target
+        while i < len(counts) and counts[i] <= 0:  # q = 0 (target 0) starts at the first non-empty bin
+            i += 1
+        if i < len(counts):
+            before = cum[i] - counts[i]
+            value = edges[i] + (target - before) / counts[i] * (edges[i + 1] - edges[i])
+        else:
+            value = edges[-1]
         out.append(min(max(value, vmin), vmax))
     return out
 
@@ -249,11 +253,10 @@ def finalize(stats: PartialStats, domain_names: Sequence[str] | None = None) -> 
         out["adapt/ess_frac"] = out["adapt/ess"] / n
         wo, so, b = lay.weight_hist_offset, lay.score_hist_offset, lay.num_bins
         wcounts, scounts = v[wo:wo + b], v[so:so + b]
-        w_edges = lay.edges("weights")
-        for q, val in zip(QUANTILES, histogram_quantiles(wcounts, w_edges, QUANTILES, w_min, w_max)):
+        w_counts, w_edges = populated_span(wcounts, *lay.weight_range)
+        for q, val in zip(QUANTILES, histogram_quantiles(w_counts, w_edges, QUANTILES, w_min, w_max)):
             out[f"adapt/weight_p{round(q * 100):02d}"] = val
-        hists = {"hist/weights": populated_span(wcounts, w_edges),
-                 "hist/scores": populated_span(scounts, lay.edges("scores"))}
+        hists = {"hist/weights": (w_counts, w_edges), "hist/scores": populated_span(scounts, *lay.score_range)}
     if v[_T] > 0:
         out["adapt/effective_data_ratio"] = v[_WT] / v[_T]
         out["loss/mean"] = v[_L] / v[_T]
