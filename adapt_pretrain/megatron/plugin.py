@@ -26,7 +26,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from adapt_pretrain.core import AdaptEngine
 from adapt_pretrain.megatron.batch import chunk_iterators, padding_micro_batch, shape_of, to_device
 from adapt_pretrain.megatron.loss import StepAccumulator, TPContext, adapt_loss, group_signal_input
 from adapt_pretrain.megatron.model import HiddenCapture, unwrap
+
+if TYPE_CHECKING:
+    from adapt_pretrain.monitor.stats import StepMetrics
 
 GROUP_KEYS = ("weights", "scores", "group_domain", "group_doc_id", "group_tokens", "group_loss_sum")
 
@@ -237,7 +240,7 @@ class AdaptMegatron:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
 
-    def step_metrics(self) -> Any:
+    def step_metrics(self) -> Optional["StepMetrics"]:
         """This step's monitoring metrics on last-stage ranks (None elsewhere): an
         `adapt_pretrain.monitor.StepMetrics` (`.scalars`: `adapt/weight_*`, `adapt/ess`,
         `domain/<name>/...`, `loss/*`; `.histograms`: `hist/weights`, `hist/scores`).
@@ -305,11 +308,7 @@ class AdaptMegatron:
     def stats_layout(self) -> Any:
         from adapt_pretrain.monitor import StatsLayout
 
-        a = self.cfg
-        weight_hi = min(a.w_max, 1.0) if a.policy == "adapt" else max(a.w_max, 1.0)
-        score_range = (-1.0, 1.0) if a.signal == "embed" else (-4.0, 4.0)
-        return StatsLayout(num_domains=max(len(self.domains), 1),
-                           weight_range=(a.w_min, max(weight_hi, a.w_min + 1e-6)), score_range=score_range)
+        return StatsLayout.for_adapt(self.cfg, len(self.domains))
 
     # ----- helpers --------------------------------------------------------------------------------
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -66,6 +66,15 @@ class StatsLayout:
         for name, (lo, hi) in (("weight_range", self.weight_range), ("score_range", self.score_range)):
             if not hi > lo:
                 raise ValueError(f"StatsLayout.{name}={(lo, hi)} must have hi > lo")
+
+    @classmethod
+    def for_adapt(cls, cfg: Any, num_domains: int) -> "StatsLayout":
+        """The layout both adapters use for an `adapt` config: weights over [w_min, min(w_max, 1)]
+        for sigmoid weights (LinUpper: up to max(w_max, 1)); scores over (-1, 1) for the cosine
+        (`embed`) signal, (-4, 4) for z-scored static scores."""
+        high = min(cfg.w_max, 1.0) if cfg.policy == "adapt" else max(cfg.w_max, 1.0)
+        return cls(num_domains=max(num_domains, 1), weight_range=(cfg.w_min, max(high, cfg.w_min + 1e-6)),
+                   score_range=(-1.0, 1.0) if cfg.signal == "embed" else (-4.0, 4.0))
 
     @property
     def domain_offset(self) -> int:
