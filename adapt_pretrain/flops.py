@@ -9,10 +9,30 @@ Counting convention (the usual one; a multiply-add is 2 FLOPs):
 - training = 3 x forward (backward costs two forwards).
 What each reweighting method spends on scoring on top of this is the experiment harness's business
 (`adapt_pretrain.experiments.methods.costs`).
+
+`throughput_metrics` turns one step's token count and time into the logged throughput:
+train/tokens_per_s, train/tflops_per_device (training_flops / seconds / devices) and train/mfu
+(that over the device's peak dense bf16 FLOP/s; only for devices in `PEAK_BF16_FLOPS`, never a
+guessed peak).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
+# Peak dense (no sparsity) bf16 tensor-core FLOP/s per device, from the vendors' data sheets, matched
+# against the device name (first match wins: specific names before their families).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),   # SXM / NVL
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("MI300X", 1307e12),
+)
 
 
 @dataclass(frozen=True)
@@ -47,3 +67,44 @@ def forward_flops_per_token(shape: ModelShape) -> int:
 
 def training_flops(shape: ModelShape, tokens: int) -> int:
     return 3 * forward_flops_per_token(shape) * tokens
+
+
+def peak_bf16_flops(device_name: Optional[str]) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of one device by its name (e.g. torch.cuda.get_device_name()); None for
+    CPU, no name or a device not in PEAK_BF16_FLOPS (then no MFU is reported)."""
+    if not device_name:
+        return None
+    name = device_name.lower()
+    for key, peak in PEAK_BF16_FLOPS:
+        if key.lower() in name:
+            return peak
+    return None
+
+
+def current_device_name() -> Optional[str]:
+    """The CUDA device's name, or None on CPU (no MFU there)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def throughput_metrics(tokens: int, seconds: float, shape: ModelShape, num_devices: int,
+                       device_name: Optional[str] = None) -> dict[str, float]:
+    """One step's throughput for the log: train/tokens_per_s (all devices together),
+    train/tflops_per_device (training_flops(shape, tokens) / seconds / num_devices / 1e12) and, when
+    the device's peak is known, train/mfu (achieved / peak FLOP/s per device, a fraction in [0, 1]).
+
+    tokens: the tokens the model processed this step over all devices (global batch x seq_len: the
+    FLOPs are spent on padding and unmasked positions too); seconds: the step's wall time;
+    num_devices: the devices sharing the work (the world size); device_name: for the peak (None: no MFU).
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices={num_devices} must be >= 1")
+    if not seconds > 0:
+        raise ValueError(f"seconds={seconds} must be > 0 (the step's wall time)")
+    flops_per_device = training_flops(shape, tokens) / seconds / num_devices
+    out = {"train/tokens_per_s": tokens / seconds, "train/tflops_per_device": flops_per_device / 1e12}
+    peak = peak_bf16_flops(device_name)
+    if peak is not None:
+        out["train/mfu"] = flops_per_device / peak
+    return out

@@ -3,8 +3,8 @@
     python benchmarks/bench_monitor.py [--steps 60] [key=value overrides]
 
 One `Trainer` (W&B offline, metrics.jsonl, per-group statistics, histograms and tables at their
-configured cadence) is stepped with monitoring alternately on and off (off: no per-group gather over
-data-parallel ranks, no statistics, no logging), so the model trajectory and machine load are
+configured cadence) is stepped with monitoring alternately on and off (off: no per-step statistics and
+their reduction over data-parallel ranks, no logging), so the model trajectory and machine load are
 shared. Prints the mean step time of each, their ratio, and the time spent inside the monitoring
 code itself as a fraction of a step (the steadier figure on a noisy machine). Target: under 1%.
 """
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, env)
     metrics = trainer.callbacks.find(MetricsLogger)  # everything monitoring adds to a step
     log_step = metrics.on_step_end
+    step_metrics = trainer.step_fn.adapt.step_metrics  # the statistics' partial sums and their DP reduction
     inside: list[float] = []
 
     def timed_log_step(*a, **k):
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(total):
             monitoring = i % 2 == 0
             metrics.on_step_end = timed_log_step if monitoring else (lambda *a, **k: None)
-            trainer.step_fn.gather_groups = monitoring
+            trainer.step_fn.adapt.step_metrics = step_metrics if monitoring else (lambda: None)
             t0 = time.perf_counter()
             trainer.step_once()
             elapsed = time.perf_counter() - t0
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 times["on" if monitoring else "off"].append(elapsed)
     finally:
         metrics.on_step_end = log_step
+        trainer.step_fn.adapt.step_metrics = step_metrics
         trainer.close()
     on, off = statistics.mean(times["on"]), statistics.mean(times["off"])
     inside_ms = statistics.mean(inside[args.warmup // 2:]) * 1e3

@@ -158,8 +158,7 @@ class DeepSpeedAdapt:
                 head, "the LM head did not run since the last loss(): call the model's forward first")
         from adapt_pretrain.monitor import StatsLayout
 
-        self.layout = StatsLayout(num_domains=max(len(self.domains), 1), weight_range=_weight_range(self.cfg),
-                                  score_range=(-1.0, 1.0) if self.cfg.signal == "embed" else (-4.0, 4.0))
+        self.layout = StatsLayout.for_adapt(self.cfg, len(self.domains))
         self._start_step()
 
     # ----- per step state ---------------------------------------------------------------------------
@@ -368,12 +367,6 @@ def _plain_terms(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Te
     token_loss = plain_token_loss(logits, labels)
     mask = loss_mask.float()
     return LossTerms((token_loss * mask).sum(), mask.sum().detach(), token_loss.detach(), weights.detach())
-
-
-def _weight_range(cfg: AdaptConfig) -> tuple[float, float]:
-    """Histogram range of the weights: sigmoid weights lie in [w_min, min(w_max, 1)]."""
-    high = min(cfg.w_max, 1.0) if cfg.policy == "adapt" else max(cfg.w_max, 1.0)
-    return cfg.w_min, max(high, cfg.w_min + 1e-6)
 
 
 def _on_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:

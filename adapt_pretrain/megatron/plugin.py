@@ -11,7 +11,10 @@ this class hands it the pieces that carry the method (docs/PLUGIN.md, "Megatron-
                                               running state reduced over DP (broadcast over PP)
   needs_anchor_refresh / refresh_anchors      the anchor centroid from a forward-only trunk pass
   state_dict / load_state_dict                the method's checkpointable state
-  groups() / metrics(groups)                  the monitoring rows of the global batch
+  step_metrics()                              the step's monitoring metrics: partial sums of this
+                                              rank's groups reduced over DP, finalised
+  local_groups()                              this rank's own per-group rows (document tables)
+  groups()                                    test/debug aid: every group row gathered over DP
 
 The hidden states are captured by a forward pre-hook on the last stage's `output_layer` (its input
 is the final hidden state after the final norm): no second forward. Our trainer (`TrainStep`) uses
@@ -23,7 +26,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,9 @@ from adapt_pretrain.core import AdaptEngine
 from adapt_pretrain.megatron.batch import chunk_iterators, padding_micro_batch, shape_of, to_device
 from adapt_pretrain.megatron.loss import StepAccumulator, TPContext, adapt_loss, group_signal_input
 from adapt_pretrain.megatron.model import HiddenCapture, unwrap
+
+if TYPE_CHECKING:
+    from adapt_pretrain.monitor.stats import StepMetrics
 
 GROUP_KEYS = ("weights", "scores", "group_domain", "group_doc_id", "group_tokens", "group_loss_sum")
 
@@ -234,21 +240,58 @@ class AdaptMegatron:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
 
+    def step_metrics(self) -> Optional["StepMetrics"]:
+        """This step's monitoring metrics on last-stage ranks (None elsewhere): an
+        `adapt_pretrain.monitor.StepMetrics` (`.scalars`: `adapt/weight_*`, `adapt/ess`,
+        `domain/<name>/...`, `loss/*`; `.histograms`: `hist/weights`, `hist/scores`).
+
+        The one monitoring route (docs/MONITORING.md): partial sums of this rank's own group rows,
+        reduced over DP (sum + max), finalised; identical on every last-stage rank and equal to the
+        metrics of the whole global batch. Collective over DP on the last stage: every last-stage
+        rank calls it every step, or none does. Cost: one small all-reduce pair, whatever the batch.
+        """
+        if not self.is_last_stage:
+            return None
+        from adapt_pretrain.monitor import empty_stats, finalize, partial_stats
+
+        layout = self.stats_layout()
+        rows = self.local_groups(device=self.device)
+        if rows and "weights" in rows:
+            domain = rows.get("group_domain")
+            if domain is None:  # no domain labels: the groups count in the global metrics only
+                domain = torch.full_like(rows["weights"], -1, dtype=torch.long)
+            part = partial_stats(layout, rows["weights"], rows["scores"], rows["group_tokens"], domain,
+                                 rows["group_loss_sum"])
+        else:
+            part = empty_stats(layout, self.device)
+        if self.dp_size > 1:
+            part = part.all_reduce(self.dp_group)
+        return finalize(part, self.domains or None)
+
+    def local_groups(self, device: Union[torch.device, str] = "cpu") -> Optional[dict[str, torch.Tensor]]:
+        """This rank's own per-group rows of the step (weights, scores, group_domain, group_doc_id,
+        group_tokens, group_loss_sum; micro-batches concatenated in order) on last-stage ranks,
+        None elsewhere. No communication: for tables of this rank's documents (whose tokens it holds)."""
+        if not self.is_last_stage:
+            return None
+        rows = self.acc.groups
+        keys = [k for k in GROUP_KEYS if rows and all(k in r for r in rows)]
+        return {k: torch.cat([r[k].to(device) for r in rows]) for k in keys}
+
     def groups(self) -> Optional[dict[str, torch.Tensor]]:
-        """Per-group rows (weights, scores, group_domain, group_tokens, group_loss_sum, ...) of the
-        whole global batch, gathered over DP, on last-stage ranks; None elsewhere. Collective over
-        DP on the last stage: every last-stage rank calls it every step, or none does.
+        """Test/debug aid, not for monitoring (use `step_metrics`): the per-group rows of the whole
+        global batch, gathered over DP (DP rank order), on last-stage ranks; None elsewhere.
+        Collective over DP on the last stage. Its cost grows with the global batch.
 
         One padded all-gather of all fields packed as float64 (exact for the int64 ids/domains
         below 2^53 and the fp32 values), plus one for the row counts.
         """
         if not self.is_last_stage:
             return None
-        rows = self.acc.groups
-        keys = [k for k in GROUP_KEYS if rows and all(k in r for r in rows)]
-        local = {k: torch.cat([r[k].to(self.device) for r in rows]) for k in keys}
+        local = self.local_groups(device=self.device)
         if self.dp_size == 1:
             return {k: v.cpu() for k, v in local.items()}
+        keys = list(local)
         dtypes = {k: v.dtype for k, v in local.items()}
         n = next(iter(local.values())).numel() if local else 0
         counts = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.dp_size)]
@@ -262,23 +305,10 @@ class AdaptMegatron:
         full = torch.cat([g[:, :size] for g, size in zip(gathered, sizes)], dim=1)
         return {key: full[i].to(dtypes[key]).cpu() for i, key in enumerate(keys)}
 
-    def metrics(self, groups: dict[str, torch.Tensor]) -> Any:
-        """The monitoring rows of `groups()` (`adapt/weight_*`, `domain/<name>/mean_weight`, ...,
-        plus histograms): an `adapt_pretrain.monitor` Metrics (`.scalars`, `.histograms`)."""
-        from adapt_pretrain.monitor import finalize, partial_stats
-
-        stats = partial_stats(self.stats_layout(), groups["weights"], groups["scores"], groups["group_tokens"],
-                              groups["group_domain"], groups["group_loss_sum"])
-        return finalize(stats, self.domains)
-
     def stats_layout(self) -> Any:
         from adapt_pretrain.monitor import StatsLayout
 
-        a = self.cfg
-        weight_hi = min(a.w_max, 1.0) if a.policy == "adapt" else max(a.w_max, 1.0)
-        score_range = (-1.0, 1.0) if a.signal == "embed" else (-4.0, 4.0)
-        return StatsLayout(num_domains=max(len(self.domains), 1),
-                           weight_range=(a.w_min, max(weight_hi, a.w_min + 1e-6)), score_range=score_range)
+        return StatsLayout.for_adapt(self.cfg, len(self.domains))
 
     # ----- helpers --------------------------------------------------------------------------------
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 from torch import nn
@@ -37,15 +37,25 @@ from adapt_pretrain.megatron.model import unwrap
 from adapt_pretrain.megatron.optim import current_lr, load_optimizer_state_dict, optimizer_state_dict
 from adapt_pretrain.megatron.plugin import AdaptMegatron
 
+if TYPE_CHECKING:
+    from adapt_pretrain.monitor.stats import StepMetrics
+
 
 @dataclass
 class StepResult:
-    """Outcome of one step, identical on every rank except `groups` (last stage only).
+    """Outcome of one step, identical on every rank except the last three fields.
 
     loss: global sum(m w l) / global normaliser; grad_norm: before clipping (nan when skipped);
     lr: the learning rate this update used; num_tokens: global masked tokens; normaliser: global
-    sum of loss_func normalisers; groups: per-group rows of the whole global batch (gathered over
-    DP) on last-stage ranks, None elsewhere.
+    sum of loss_func normalisers.
+    metrics: the step's monitoring metrics (`StepMetrics`: `.scalars`, `.histograms`) of the whole
+    global batch, reduced over DP from partial sums (`AdaptMegatron.step_metrics`); identical on
+    every last-stage rank, None elsewhere.
+    local_groups: this rank's own per-group rows (`AdaptMegatron.local_groups`: weights, scores,
+    group_domain, group_doc_id, group_tokens, group_loss_sum) on last-stage ranks, None elsewhere;
+    for tables of documents whose tokens this rank holds.
+    groups: every group row of the global batch gathered over DP, only with
+    `TrainStep(gather_groups=True)` (a test/debug aid), else None.
     """
 
     loss: float
@@ -54,7 +64,9 @@ class StepResult:
     skipped: bool
     num_tokens: int
     normaliser: float
-    groups: Optional[dict[str, torch.Tensor]]
+    metrics: Optional["StepMetrics"] = None
+    local_groups: Optional[dict[str, torch.Tensor]] = None
+    groups: Optional[dict[str, torch.Tensor]] = None
     step_time_s: float = 0.0
 
 
@@ -63,12 +75,15 @@ class TrainStep:
     around `AdaptMegatron`, the public surface (no other way in); see the module docstring.
 
     engine=None means plain training (an AdaptEngine with enabled=False: the very same code path).
-    gather_groups=False skips the per-group DP gather used only for monitoring.
+    Every step's result carries the monitoring metrics (reduced partial sums, cheap at any scale).
+    gather_groups=True additionally all-gathers every group row of the global batch into
+    `StepResult.groups`: a test/debug aid (the layout tests compare each group's weight with an
+    independent reference); its cost grows with the global batch, so training leaves it off.
     """
 
     def __init__(self, model_chunks: list[nn.Module], optimizer: Any, scheduler: Any,
                  engine: Optional[AdaptEngine], model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
-                 num_microbatches: int, gather_groups: bool = True, domains: Iterable[str] = ()) -> None:
+                 num_microbatches: int, gather_groups: bool = False, domains: Iterable[str] = ()) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         if num_microbatches < 1:
@@ -129,9 +144,11 @@ class TrainStep:
             else:
                 skipped = True
         totals = self.adapt.end_step()
+        metrics = self.adapt.step_metrics()
         groups = self.adapt.groups() if self.gather_groups else None
         return StepResult(loss=totals.loss, grad_norm=grad_norm, lr=lr, skipped=skipped, num_tokens=totals.num_tokens,
-                          normaliser=totals.normaliser, groups=groups, step_time_s=time.perf_counter() - start)
+                          normaliser=totals.normaliser, metrics=metrics, local_groups=self.adapt.local_groups(),
+                          groups=groups, step_time_s=time.perf_counter() - start)
 
     def needs_anchor_refresh(self, step: int) -> bool:
         """Same answer on every rank (the centroid is kept identical everywhere)."""

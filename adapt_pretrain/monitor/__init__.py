@@ -1,7 +1,8 @@
 """Weight-curriculum monitoring: reducible statistics, a local+W&B logger, a `.wandb` reader, plots.
 
 The trainer uses `StatsLayout`/`partial_stats`/`finalize` (stats.py) to turn per-group weights into
-metrics reduced over data-parallel ranks, and `Monitor` (monitor.py) to log them. See docs/MONITORING.md.
+metrics reduced over data-parallel ranks, `Monitor` (monitor.py) to log them and `console_line`
+(console.py) for the one console line per step. See docs/MONITORING.md.
 Names resolve lazily so `adapt-pretrain report` and the logger do not import torch.
 """
 from __future__ import annotations
@@ -10,9 +11,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Monitor": "monitor", "NullMonitor": "monitor", "WandbConfig": "monitor", "read_metrics": "monitor",
+    "Monitor": "monitor", "NullMonitor": "monitor", "WandbConfig": "config", "read_metrics": "monitor",
     "PartialStats": "stats", "StatsLayout": "stats", "StepMetrics": "stats", "empty_stats": "stats",
     "finalize": "stats", "group_token_loss": "stats", "partial_stats": "stats", "step_metrics": "stats",
+    "console_line": "console",
 }
 __all__ = list(_EXPORTS)
 

@@ -35,20 +35,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from adapt_pretrain.logs import get_logger
-from adapt_pretrain.monitor.config import WANDB_MODES, WandbConfig  # noqa: F401 - re-exported
+from adapt_pretrain.monitor.config import WandbConfig
+from adapt_pretrain.monitor.console import console_line
 
 METRICS_FILE = "metrics.jsonl"
 META_FILE = "monitor.json"
 _CURRICULUM_KEY = "curriculum/mean_weight"
 _CURRICULUM_MAX_POINTS = 200
 log = get_logger(__name__)
-_STDOUT_KEYS = (  # (key, short label, format) for the one-line console summary
-    ("loss", "loss", ".4f"), ("loss/mean", "ce", ".4f"), ("loss/weighted", "wce", ".4f"),
-    ("adapt/weight_mean", "w", ".3f"), ("adapt/weight_std", "w_sd", ".3f"),
-    ("adapt/weight_min", "w_min", ".3f"), ("adapt/weight_max", "w_max", ".3f"),
-    ("adapt/ess_frac", "ess", ".3f"), ("adapt/effective_data_ratio", "edr", ".3f"),
-    ("lr", "lr", ".2e"), ("train/tokens_per_s", "tok/s", ".0f"), ("data/skipped_samples", "skip", ".0f"),
-)
 
 
 RUN_ID_FILE = "wandb_run_id"  # in the run directory: one training run (with its resumes) is one W&B run
@@ -94,7 +88,7 @@ class Monitor:
     """Logs one training run. Construct on every rank; only `rank == 0` writes anything.
 
     run_dir: the run directory (created); config: the run's configuration (logged once);
-    wandb: mirror settings (None: defaults); stdout: print a compact line per `log_step`.
+    wandb: mirror settings (None: defaults); stdout: print `console_line` (console.py) per `log_step`.
     """
 
     def __init__(self, run_dir: str, config: Mapping[str, Any] | None = None,
@@ -168,7 +162,7 @@ class Monitor:
             if self.table_due(step):
                 self._log_curriculum(step)
         if self.stdout:
-            print(self._summary_line(step, clean), flush=True)
+            print(console_line(step, clean), flush=True)
 
     def log_event(self, step: int, name: str, **fields: Any) -> None:
         """Log a discrete event (e.g. anchor refresh with its centroid shift) at a step."""
@@ -390,13 +384,6 @@ class Monitor:
 
         self._submit(log)
         self._last_curriculum_step = step
-
-    @staticmethod
-    def _summary_line(step: int, scalars: Mapping[str, float]) -> str:
-        parts = [f"{label}={scalars[key]:{fmt}}" for key, label, fmt in _STDOUT_KEYS if key in scalars]
-        if not parts:
-            parts = [f"{k}={v:.4g}" for k, v in list(scalars.items())[:6]]
-        return f"[step {step}] " + " ".join(parts)
 
 
 class NullMonitor(Monitor):

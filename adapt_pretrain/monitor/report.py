@@ -7,8 +7,9 @@ works on a laptop with matplotlib alone.
 Plots (several runs: one panel per run for per-run views, one line per run for shared views):
 - curriculum.png: per-domain mean weight over steps;
 - weight_heatmap.png: weight distribution over steps: each logged histogram as a column normalised
-  to its own peak (re-binned onto one grid when bin edges differ between steps), under the
-  p05/p25/p50/p75/p95 quantiles and min/max logged every step;
+  to its own peak (steps log only their populated span of the fixed bins: every column is put on
+  one grid as fine as the finest logged bin), under the p05/p25/p50/p75/p95 quantiles and min/max
+  logged every step;
 - loss.png: per-domain loss and the overall (unweighted, weighted) loss;
 - effective.png: effective data ratio and ESS / groups.
 """
@@ -183,28 +184,42 @@ _QUANTILE_LINES = (("p50", "-", "black", "median"), ("p25", "--", "black", "p25 
                    ("min", "-", "tab:orange", "min / max"), ("max", "-", "tab:orange", None))
 
 
-def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 64) -> str:
+def heatmap_matrix(hists: list[tuple[int, np.ndarray, np.ndarray]],
+                   max_rows: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    """(grid edges, counts [rows, steps]) of the logged histograms on one grid.
+
+    The grid is the finest logged bin over the union of the logged spans; when that needs more than
+    `max_rows` rows (a wide spread: more rows than the plot has pixels for), k adjacent bins are
+    merged into one row. Steps log the populated span of one fixed bin grid, so every span's edges
+    lie on this grid and re-binning moves no mass between bins.
+    """
+    lo = min(float(e[0]) for (_, _, e) in hists)
+    hi = max(float(e[-1]) for (_, _, e) in hists)
+    width = min(float(np.diff(e).min()) for (_, _, e) in hists)
+    fine_rows = max(int(round((hi - lo) / width)), 1)
+    merge = -(-fine_rows // max_rows)
+    rows = -(-fine_rows // merge)
+    grid = lo + width * merge * np.arange(rows + 1)
+    return grid, np.stack([_rebin(c, e, grid) for (_, c, e) in hists], axis=1)
+
+
+def plot_weight_heatmap(runs: list[RunSeries], out_dir: str) -> str:
     """Weight distribution over steps: per-step relative density (logged histograms) under quantile lines.
 
     The quantile lines come from the quantiles logged every step, so they stay dense in time
-    when histograms are logged only every few steps.
+    when histograms are logged only every few steps. The legend sits below the axes: inside, it
+    hid the first steps' cells.
     """
     from matplotlib.colors import PowerNorm
 
-    plt, fig, axes = _grid(len(runs), width=7.0, height=4.0)
+    plt, fig, axes = _grid(len(runs), width=7.0, height=4.6)
     for ax, run in zip(axes, runs):
         hists = run.histograms("hist/weights")
         if not hists:
             _empty(ax, "no weight histograms logged")
             ax.set(title=f"{run.name}: weight distribution")
             continue
-        first = hists[0][2]
-        if all(len(e) == len(first) and np.allclose(e, first) for (_, _, e) in hists):
-            grid, cols = first, [c for (_, c, _) in hists]
-        else:  # bin edges changed during the run: put every step on one grid
-            grid = np.linspace(min(e[0] for (_, _, e) in hists), max(e[-1] for (_, _, e) in hists), num_rows + 1)
-            cols = [_rebin(c, e, grid) for (_, c, e) in hists]
-        mat = np.stack(cols, axis=1)
+        grid, mat = heatmap_matrix(hists)
         x_edges = _column_edges(np.asarray([s for (s, _, _) in hists], float))
         mesh = ax.pcolormesh(x_edges, grid, relative_density(mat), cmap="Blues", norm=PowerNorm(0.5, 0.0, 1.0),
                              shading="flat")
@@ -215,9 +230,9 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 64)
         for key, style, color, label in _QUANTILE_LINES:
             x, y = run.series(f"adapt/weight_{key}")
             if x.size:
-                ax.plot(x, y, style, color=color, lw=1.0, label=label)
+                ax.plot(x, y, style, color=color, lw=0.9, alpha=0.75, label=label)  # the cells stay visible
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="upper left", ncol=2)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
         # zoom onto the populated bins (weights often live in a narrow band early in training)
         populated = mat.sum(axis=1) > 0
         lo_i, hi_i = np.argmax(populated), len(populated) - np.argmax(populated[::-1])
@@ -226,7 +241,7 @@ def plot_weight_heatmap(runs: list[RunSeries], out_dir: str, num_rows: int = 64)
         y_lo = min([grid[lo_i]] + ([w_min.min()] if w_min.size else []))
         y_hi = max([grid[hi_i]] + ([w_max.max()] if w_max.size else []))
         pad = 0.05 * max(y_hi - y_lo, 1e-6)
-        ax.set_ylim(max(grid[0], y_lo - pad), min(grid[-1], y_hi + pad))
+        ax.set_ylim(y_lo - pad, y_hi + pad)
         ax.set(title=f"{run.name}: weight distribution over steps", xlabel="step", ylabel="weight")
     return _save(fig, out_dir, "weight_heatmap")
 

@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> list[float]:
         if update_ok:
             scheduler.step(increment=1)
         totals = adapt.end_step()                                                       # ADAPT
-        groups = adapt.groups()                                                         # ADAPT
+        metrics = adapt.step_metrics()                                                  # ADAPT
         scalars = {"loss": totals.loss, "grad_norm": float(grad_norm or float("nan"))}
-        if groups is not None and info.is_logging_rank:
-            scalars.update(adapt.metrics(groups).scalars)                               # ADAPT
+        if metrics is not None and info.is_logging_rank:
+            scalars.update(metrics.scalars)                                             # ADAPT
         monitor.log_step(step, scalars)
         losses.append(totals.loss)
         if info.is_logging_rank:

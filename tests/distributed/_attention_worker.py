@@ -162,7 +162,7 @@ def adapt_step(recompute: str, tp_size: int) -> dict[str, Any]:
     independent = _independent_centroid(chunks)  # initial weights, as the refresh saw them
     result = step_fn(0, [micro_batch(11), micro_batch(12)])
     out = {"refresh_output_layer_calls": len(calls), "centroid": engine.anchors.centroid.clone(),
-           "independent_centroid": independent, "loss": result.loss, "weights": result.groups["weights"],
+           "independent_centroid": independent, "loss": result.loss, "weights": result.local_groups["weights"],
            "grads": _grads(chunks)}
     teardown_parallel()
     return out

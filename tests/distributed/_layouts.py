@@ -18,6 +18,7 @@ GLOBAL_MICROBATCHES = 4
 STEPS = 3
 REFRESH_INTERVAL = 2
 SEED = 1234
+DOMAINS = ("d0", "d1", "d2")  # micro_batch's group_domain cycles through 0, 1, 2
 
 
 def model_cfg(activation: str = "gelu"):
@@ -133,9 +134,11 @@ def _adapt_run(info, parallel, model, chunks, cfg, steps: int, check_resume: boo
     optimizer, scheduler = build_optimizer(chunks, optim_cfg())
     m = GLOBAL_MICROBATCHES // info.dp_size
     engine = AdaptEngine(cfg)
-    step_fn = TrainStep(chunks, optimizer, scheduler, engine, model, parallel, m)
+    # gather_groups: every group row of the global batch, to compare each weight with the references
+    step_fn = TrainStep(chunks, optimizer, scheduler, engine, model, parallel, m, gather_groups=True,
+                        domains=DOMAINS)
     out: dict[str, Any] = {"loss": [], "grad_norm": [], "lr": [], "refresh_steps": [], "weights": [],
-                           "step_params": [], "step_grads": []}
+                           "groups": [], "metrics": [], "step_params": [], "step_grads": []}
     for step in range(steps):
         if engine.needs_anchor_refresh(step):
             step_fn.refresh_anchors(step, _shard(anchor_batches(), info.dp_rank, info.dp_size, contiguous=False))
@@ -146,6 +149,9 @@ def _adapt_run(info, parallel, model, chunks, cfg, steps: int, check_resume: boo
         out["lr"].append(result.lr)
         if result.groups is not None:
             out["weights"].append(result.groups["weights"])
+            out["groups"].append(result.groups)
+        if result.metrics is not None:  # the reduced step metrics (last stage)
+            out["metrics"].append({"scalars": result.metrics.scalars, "histograms": result.metrics.histograms})
         if trajectory:
             out["step_grads"].append(gather_full_state_dict(chunks, attr="main_grad"))
             out["step_params"].append(gather_full_state_dict(chunks))
@@ -164,9 +170,17 @@ def _adapt_run(info, parallel, model, chunks, cfg, steps: int, check_resume: boo
         out["resume_exact"] = first.loss == again.loss and all(
             torch.equal(params_first[k], params_again[k]) for k in params_first)
     # per-group weights live on the last stage: fetch the logging rank's (last stage, TP 0, DP 0)
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, out["weights"] if info.is_logging_rank else None)
-    out["weights"] = next(r for r in rows if r is not None)
+    for key in ("weights", "groups"):
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, out[key] if info.is_logging_rank else None)
+        out[key] = next(r for r in rows if r is not None)
+    # the step metrics: every last-stage rank (every DP and TP rank) must hold the logging rank's
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, (info.is_logging_rank, out["metrics"]) if out["metrics"] else None)
+    held = [m for m in every if m is not None]
+    out["metrics"] = next(m for logging, m in held if logging)
+    out["metrics_ranks"] = len(held)
+    out["metrics_identical_all"] = all(m == out["metrics"] for _, m in held)
     centroid = engine.anchors.centroid
     if centroid is not None:
         # identical on every rank: compare against rank 0's bit for bit

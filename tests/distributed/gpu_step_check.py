@@ -99,7 +99,7 @@ def main() -> int:
         steady = step_times[2:] or step_times
         times[name] = sum(steady) / len(steady)
         report[name] = {"losses": losses, "mean_step_s": times[name], "refresh_s": refresh_times,
-                        "weights_std": float(result.groups["weights"].std()) if result.groups else None}
+                        "weights_std": float(result.local_groups["weights"].std()) if result.local_groups else None}
         assert all(math.isfinite(x) for x in losses), f"{name}: non-finite loss {losses}"
     report["step_time_ratio_on_off"] = times["adapt_on"] / times["adapt_off"]
 

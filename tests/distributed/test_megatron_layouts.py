@@ -29,8 +29,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed._layouts import (HEADS, STEPS, anchor_batches, decode, encode, global_batches, max_rel_diff,
-                                        optim_cfg, run_layouts, runs)
+from tests.distributed._layouts import (DOMAINS, HEADS, STEPS, anchor_batches, decode, encode, global_batches,
+                                        max_rel_diff, optim_cfg, run_layouts, runs)
 from tests.distributed.reference import Method, Reference, StepReference
 from tests.distributed_helper import run_distributed
 
@@ -194,8 +194,49 @@ def _check_against_independent(res: dict, init: dict, name: str) -> None:
             _assert_close_to_scale(run["centroid"], expected[-1].centroid, RTOL, f"{name} {run_name}: centroid")
 
 
+def _plain_metrics(rows: dict, names: list[str]) -> dict[str, float]:
+    """The monitoring metrics of gathered group rows in plain fp64 torch (docs/MONITORING.md
+    definitions; no code shared with adapt_pretrain.monitor)."""
+    w, s = rows["weights"].double(), rows["scores"].double()
+    t, loss, d = rows["group_tokens"].double(), rows["group_loss_sum"].double(), rows["group_domain"]
+    wt = w * t
+    out = {"adapt/groups": float(w.numel()), "adapt/tokens": float(t.sum()), "adapt/weight_mean": float(w.mean()),
+           "adapt/weight_std": float(w.std(unbiased=False)), "adapt/weight_min": float(w.min()),
+           "adapt/weight_max": float(w.max()), "adapt/ess": float(w.sum() ** 2 / (w * w).sum()),
+           "adapt/ess_frac": float(w.sum() ** 2 / (w * w).sum() / w.numel()),
+           "adapt/effective_data_ratio": float(wt.sum() / t.sum()), "adapt/score_mean": float(s.mean()),
+           "adapt/score_min": float(s.min()), "adapt/score_max": float(s.max()),
+           "loss/mean": float(loss.sum() / t.sum()), "loss/weighted": float((w * loss).sum() / wt.sum())}
+    for i, name in enumerate(names):
+        sel = d == i
+        out[f"domain/{name}/token_share"] = float(t[sel].sum() / t.sum())
+        out[f"domain/{name}/weighted_share"] = float(wt[sel].sum() / wt.sum())
+        out[f"domain/{name}/mean_weight"] = float(wt[sel].sum() / t[sel].sum())
+    return out
+
+
+def _check_step_metrics(res: dict, name: str, last_stage_ranks: int) -> None:
+    """The metrics every step returns (partial sums of each rank's own groups, reduced over DP) equal
+    a plain-torch computation over the whole global batch (the rows gathered over DP, whose weights
+    the other checks compare with the references), on every last-stage rank; the group count equals
+    the global batch's, counted from the batches themselves."""
+    for run_name, (_, steps) in runs().items():
+        run = res[run_name]
+        assert run["metrics_ranks"] == last_stage_ranks, f"{name} {run_name}: step metrics on the wrong ranks"
+        assert len(run["metrics"]) == len(run["groups"]) == steps, f"{name} {run_name}: metrics of every step"
+        for step, (metrics, rows) in enumerate(zip(run["metrics"], run["groups"])):
+            got, where = metrics["scalars"], f"{name} {run_name} step {step}"
+            assert got["adapt/groups"] == sum(mb["num_groups"] for mb in global_batches(step)), f"{where}: groups"
+            for key, value in _plain_metrics(rows, list(DOMAINS)).items():
+                assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), f"{where}: {key}"
+            counts, _ = metrics["histograms"]["hist/weights"]
+            assert sum(counts) == got["adapt/groups"], f"{where}: weight histogram counts"
+        assert run["metrics_identical_all"], f"{name} {run_name}: step metrics differ between last-stage ranks"
+
+
 def test_single_process_matches_independent_reference(reference):
     _check_against_independent(reference, reference["init"], "TP1-PP1-DP1")
+    _check_step_metrics(reference, "TP1-PP1-DP1", last_stage_ranks=1)
 
 
 def test_reference_is_not_trivial(reference):
@@ -218,6 +259,7 @@ def test_layout_world2(layouts_2, reference, index):
     name = _name(res["layout"], 2)
     _check_against_reference(res, reference, name)
     _check_against_independent(res, reference["init"], name)
+    _check_step_metrics(res, name, last_stage_ranks=2 // res["layout"].get("pp", 1))
     assert res["off_equals_plain"], f"{name}: ADAPT off != plain (max diff {res['off_max_diff']:.3g})"
     assert res["off_loss"] == res["plain_loss"], name
 
@@ -228,6 +270,7 @@ def test_layout_world4(layouts_4, reference, index):
     name = _name(res["layout"], 4)
     _check_against_reference(res, reference, name)
     _check_against_independent(res, reference["init"], name)
+    _check_step_metrics(res, name, last_stage_ranks=4 // res["layout"].get("pp", 1))
     assert res["off_equals_plain"], f"{name}: ADAPT off != plain (max diff {res['off_max_diff']:.3g})"
     assert res["off_loss"] == res["plain_loss"], name
 

@@ -27,7 +27,7 @@ def synthetic_batch(step: int, total: int, groups: int = 64, seed: int = 0) -> d
 def write_synthetic_run(run_dir: str, steps: int = 60, wandb: WandbConfig | None = None,
                         seed: int = 0, stdout: bool = False) -> Monitor:
     """Log a whole synthetic run through the real Monitor; returns the (closed) monitor."""
-    layout = StatsLayout(num_domains=len(DOMAINS), num_bins=24)
+    layout = StatsLayout(num_domains=len(DOMAINS))  # the trainer's bins
     wb = wandb or WandbConfig(enabled=False, histogram_interval=5, table_interval=20)
     mon = Monitor(run_dir, {"adapt": {"enabled": True, "tau": 0.25}, "seed": seed}, wb, rank=0, stdout=stdout)
     for step in range(steps):

@@ -38,7 +38,7 @@ def test_local_log_roundtrip(tmp_path, capsys):
     meta = json.loads((tmp_path / "monitor.json").read_text())
     assert meta["config"] == {"model": {"layers": 2}} and meta["wandb"]["mode"] == "disabled"
     out = capsys.readouterr().out
-    assert "[step 0] loss=2.5000 w=0.500" in out and "event anchor_refresh" in out
+    assert "[step 0] loss=2.5000 w_mean=0.500" in out and "event anchor_refresh" in out
 
 
 def test_only_rank_zero_writes(tmp_path):

@@ -95,3 +95,27 @@ def test_heatmap_columns_are_normalised_per_step():
     rel = relative_density(mat)
     assert np.allclose(rel.filled(0.0), [[0, 1 / 3, 0], [1, 1, 0], [0, 2 / 3, 0]])
     assert rel.mask.tolist() == [[True, False, True], [False, False, True], [True, False, True]]
+
+
+def test_heatmap_resolves_a_narrow_spread(tmp_path):
+    """Weights spread over ~0.02 (typical of a real run) must cover many rows of every column: with
+    the former 64 fixed bins every group of a step fell into one or two and the map showed blocks."""
+    import torch
+
+    from adapt_pretrain.monitor import Monitor, StatsLayout, WandbConfig, finalize, partial_stats
+    from adapt_pretrain.monitor.report import RunSeries, heatmap_matrix
+
+    layout = StatsLayout(num_domains=1)  # the trainer's default bins
+    g = torch.Generator().manual_seed(0)
+    with Monitor(str(tmp_path / "narrow"), {}, WandbConfig(enabled=False), stdout=False) as mon:
+        for step in range(10):
+            w = 0.7 - 0.005 * step + 0.004 * torch.randn(256, generator=g, dtype=torch.float64)
+            m = finalize(partial_stats(layout, w, torch.zeros(256), torch.ones(256), torch.zeros(256, dtype=torch.long),
+                                       torch.ones(256)))
+            mon.log_step(step, m.scalars, m.histograms)
+    steps, events = read_metrics(str(tmp_path / "narrow"))
+    grid, mat = heatmap_matrix(RunSeries("narrow", "", steps, events).histograms("hist/weights"))
+    rows_used = (mat > 0).sum(axis=0)
+    assert rows_used.min() >= 8, rows_used  # every step's spread shows as a distribution, not a block
+    assert np.allclose(mat.sum(axis=0), 256)  # re-binning onto the common grid keeps every group
+    assert grid[1] - grid[0] <= 1 / 512 + 1e-12

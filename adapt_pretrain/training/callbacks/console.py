@@ -6,11 +6,10 @@ import sys
 from typing import Any
 
 from adapt_pretrain.logs import get_logger
+from adapt_pretrain.monitor.console import console_line
 from adapt_pretrain.training.callbacks.base import Callback, StepMetrics
 
 log = get_logger(__name__)
-
-CONSOLE_KEYS = ("loss", "lr", "grad_norm", "train/tokens_per_s", "adapt/weight_mean", "adapt/weight_std")
 
 
 class Console(Callback):
@@ -31,8 +30,7 @@ class Console(Callback):
     def log_metrics(self, trainer: Any, step: int, metrics: StepMetrics) -> None:
         if not trainer.info.is_logging_rank or (step % self.log_interval and step + 1 != self.steps):
             return
-        line = " ".join(f"{k}={v:.4g}" for k, v in metrics.scalars.items() if k in CONSOLE_KEYS)
-        message = f"[step {step}] {line}"
+        message = console_line(step, metrics.scalars)
         if self.progress_bar:
             from tqdm import tqdm
 

@@ -17,16 +17,15 @@ class ExtremeDocuments(Callback):
         self._tokenizer: Any = None
 
     def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepMetrics) -> None:
-        if out.groups is None or not trainer.info.is_logging_rank or not trainer.monitor.table_due(step):
+        if out.local_groups is None or not trainer.info.is_logging_rank or not trainer.monitor.table_due(step):
             return
-        metrics.tables["extreme_documents"] = self.rows(trainer, out.groups, trainer.last_step.micro_batches)
+        metrics.tables["extreme_documents"] = self.rows(trainer, out.local_groups, trainer.last_step.micro_batches)
 
     def rows(self, trainer: Any, groups: dict[str, torch.Tensor], micro: list[dict]) -> list[dict[str, Any]]:
-        """Picked among the logging rank's own groups (its 1/DP share of the global batch, the first rows
-        of the DP gather), whose tokens it holds, so every row carries a text snippet."""
+        """Picked among the logging rank's own groups (its 1/DP share of the global batch), whose tokens it
+        holds, so every row carries a text snippet."""
         domains = trainer.parts.domains
-        local = sum(int(mb["num_groups"]) for mb in micro)
-        weights = groups["weights"].float()[:local]
+        weights = groups["weights"].float()
         order = torch.argsort(weights, descending=True, stable=True).tolist()
         k = self.k
         picks = order[:k] + [i for i in order[-k:] if i not in order[:k]]

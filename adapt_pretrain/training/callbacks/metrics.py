@@ -1,4 +1,4 @@
-"""The metrics callback: assembles each step's scalars (loss, lr, grad norm, tokens/s, step time, data
+"""The metrics callback: assembles each step's scalars (loss, lr, grad norm, throughput, step time, data
 counters summed over data-parallel ranks, ADAPT's weight and score statistics) and logs them through
 the monitor (`adapt_pretrain.monitor.Monitor`, docs/MONITORING.md). It also keeps the run's reporting
 counters (samples, tokens, skipped steps), which a resume restores."""
@@ -20,6 +20,8 @@ class MetricsLogger(Callback):
     name = "metrics"
 
     def __init__(self) -> None:
+        self._shape: Any = None     # the model's FLOPs shape, from the config at the first step
+        self._device_name: str | None = None
         self.consumed_samples = 0   # sequences consumed over all data-parallel ranks
         self.tokens = 0             # loss-carrying tokens seen (global)
         self.skipped_steps = 0      # updates skipped for a non-finite loss or gradient
@@ -34,8 +36,10 @@ class MetricsLogger(Callback):
         self.consumed_samples += trainer.samples_per_step
         self.tokens += int(out.num_tokens or 0)
         metrics = StepMetrics(scalars=self._scalars(trainer, out))
-        if out.groups is not None and trainer.info.is_logging_rank:  # the global batch's groups (last stage)
-            self._add_adapt_metrics(trainer, step, out.groups, metrics)
+        if out.metrics is not None and trainer.info.is_logging_rank:  # the global batch's, reduced over DP
+            metrics.scalars.update(out.metrics.scalars)
+            if trainer.monitor.histogram_due(step):
+                metrics.histograms.update(out.metrics.histograms)
         metrics.scalars.update(data_stats(trainer.loader, trainer.info))
         trainer.callbacks.fire("add_metrics", trainer, step, out, metrics)
         trainer.monitor.log_step(step, metrics.scalars, metrics.histograms or None, metrics.tables or None)
@@ -46,7 +50,7 @@ class MetricsLogger(Callback):
         scalars: dict[str, float] = {
             "loss": float(out.loss), "lr": float(out.lr), "train/step_time_s": timing.step_s,
             "train/anchor_refresh_s": timing.refresh_s,
-            "train/tokens_per_s": float(out.num_tokens or 0) / max(timing.step_s, 1e-9),
+            **self._throughput(trainer, timing.step_s),
             "train/skipped_steps": self.skipped_steps, "train/tokens": self.tokens,
             "train/consumed_samples": self.consumed_samples,
         }
@@ -54,13 +58,15 @@ class MetricsLogger(Callback):
             scalars["grad_norm"] = float(out.grad_norm)
         return scalars
 
-    @staticmethod
-    def _add_adapt_metrics(trainer: Any, step: int, groups: dict[str, torch.Tensor], metrics: StepMetrics) -> None:
-        """ADAPT's statistics of the step's groups (already global: gathered over DP by the step)."""
-        adapt = trainer.step_fn.adapt.metrics(groups)
-        metrics.scalars.update(adapt.scalars)
-        if trainer.monitor.histogram_due(step):
-            metrics.histograms.update(adapt.histograms)
+    def _throughput(self, trainer: Any, step_s: float) -> dict[str, float]:
+        """tokens/s, TFLOP/s per device and (on a known GPU) MFU of the step: adapt_pretrain.flops."""
+        from adapt_pretrain.flops import ModelShape, current_device_name, throughput_metrics
+
+        if self._shape is None:
+            self._shape = ModelShape.from_model_config(trainer.cfg.model)
+            self._device_name = current_device_name()
+        tokens = trainer.samples_per_step * trainer.cfg.model.seq_len
+        return throughput_metrics(tokens, max(step_s, 1e-9), self._shape, trainer.info.world_size, self._device_name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"consumed_samples": self.consumed_samples, "tokens": self.tokens,
