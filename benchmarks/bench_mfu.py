@@ -18,8 +18,8 @@ where N counts the matmul parameters including the output layer (QKV and output 
 h x V; embedding lookups are free) and 12 L h s the attention score and value products (QK^T and
 AV, forward + backward), causal masking not discounted. ADAPT's own pooling/scoring and the anchor
 refresh are *not* counted as useful FLOPs, so their cost shows as lower MFU with ADAPT on.
-MFU = achieved FLOP/s / peak; peak: 989 TFLOP/s (H100/H200 SXM dense bf16, per GPU) on CUDA, none on
-CPU (override with --peak-tflops).
+MFU = achieved FLOP/s / peak; peak: the GPU's dense bf16 peak from adapt_pretrain.flops.peak_bf16_flops
+(989 TFLOP/s on an H100/H200 SXM), none on CPU or an unknown device (override with --peak-tflops).
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-H200_BF16_PEAK_TFLOPS = 989.0
 
 
 def flops_per_token(model) -> tuple[int, int]:
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps of each")
     p.add_argument("--refreshes", type=int, default=2, help="timed anchor refreshes")
     p.add_argument("--peak-tflops", type=float, default=None,
-                   help=f"per-GPU peak for MFU (default {H200_BF16_PEAK_TFLOPS:g} on CUDA, none on CPU)")
+                   help="per-GPU peak for MFU (default: the GPU's bf16 peak from adapt_pretrain.flops, none on CPU)")
     p.add_argument("--json", help="append the figures as one JSON line to this file")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for the trainer)")
     args = p.parse_args(argv)
@@ -209,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_known_warnings()
     cfg = load_bench_config(args.config, args.overrides)
-    peak = args.peak_tflops or (H200_BF16_PEAK_TFLOPS if torch.cuda.is_available() else None)
+    from adapt_pretrain.flops import current_device_name, peak_bf16_flops
+
+    known = peak_bf16_flops(current_device_name())
+    peak = args.peak_tflops or (known / 1e12 if known else None)
     result = run(cfg, args.warmup, args.steps, args.refreshes, peak)
     result["config"] = os.path.relpath(args.config, REPO)
     result["overrides"] = args.overrides
