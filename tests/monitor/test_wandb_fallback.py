@@ -16,7 +16,7 @@ import sys
 import time
 
 from adapt_pretrain.monitor import Monitor, WandbConfig, read_metrics
-from adapt_pretrain.monitor.monitor import RUN_ID_FILE
+from adapt_pretrain.monitor.wandb_mirror import RUN_ID_FILE
 from adapt_pretrain.monitor.wandb_reader import iter_records
 
 INIT_TIMEOUT_S = 5.0

@@ -4,7 +4,7 @@ A user's own callbacks are added with `Trainer(..., callbacks=[...])` (docs/TRAI
 """
 from __future__ import annotations
 
-from adapt_pretrain.training.callbacks.base import Callback, CallbackList, StepMetrics
+from adapt_pretrain.training.callbacks.base import Callback, CallbackList, StepLog
 from adapt_pretrain.training.callbacks.checkpointer import Checkpointer
 from adapt_pretrain.training.callbacks.console import Console
 from adapt_pretrain.training.callbacks.extreme_documents import ExtremeDocuments
@@ -22,4 +22,4 @@ def default_callbacks(cfg) -> list[Callback]:
 
 
 __all__ = ["Callback", "CallbackList", "Checkpointer", "Console", "ExtremeDocuments", "Heartbeat", "MetricsLogger",
-           "NonFiniteLossError", "NonFinitePolicy", "StepMetrics", "default_callbacks", "went_nonfinite"]
+           "NonFiniteLossError", "NonFinitePolicy", "StepLog", "default_callbacks", "went_nonfinite"]

@@ -16,7 +16,7 @@ log = get_logger(__name__)
 
 
 @dataclass
-class StepMetrics:
+class StepLog:
     """One step's metrics line, assembled before it is logged (callbacks may add to it in `add_metrics`)."""
 
     scalars: dict[str, float] = field(default_factory=dict)
@@ -50,10 +50,10 @@ class Callback:
     def on_step_end(self, trainer: Any, step: int, out: Any) -> None:
         """Step `step` ran (`out`: its megatron/step.StepResult); `trainer.state.step` is already step + 1."""
 
-    def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepMetrics) -> None:
+    def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepLog) -> None:
         """Add scalars, histograms or tables to step `step`'s metrics line before it is logged."""
 
-    def log_metrics(self, trainer: Any, step: int, metrics: StepMetrics) -> None:
+    def log_metrics(self, trainer: Any, step: int, metrics: StepLog) -> None:
         """Step `step`'s metrics line was logged."""
 
     def on_run_end(self, trainer: Any, result: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from adapt_pretrain.logs import get_logger
 from adapt_pretrain.monitor.console import console_line
-from adapt_pretrain.training.callbacks.base import Callback, StepMetrics
+from adapt_pretrain.training.callbacks.base import Callback, StepLog
 
 log = get_logger(__name__)
 
@@ -27,7 +27,7 @@ class Console(Callback):
 
             self.bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def log_metrics(self, trainer: Any, step: int, metrics: StepMetrics) -> None:
+    def log_metrics(self, trainer: Any, step: int, metrics: StepLog) -> None:
         if not trainer.info.is_logging_rank or (step % self.log_interval and step + 1 != self.steps):
             return
         message = console_line(step, metrics.scalars)

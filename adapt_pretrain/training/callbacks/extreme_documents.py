@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from adapt_pretrain.training.callbacks.base import Callback, StepMetrics
+from adapt_pretrain.training.callbacks.base import Callback, StepLog
 
 
 class ExtremeDocuments(Callback):
@@ -16,7 +16,7 @@ class ExtremeDocuments(Callback):
         self.k, self.snippet_tokens = k, snippet_tokens
         self._tokenizer: Any = None
 
-    def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepMetrics) -> None:
+    def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepLog) -> None:
         if out.local_groups is None or not trainer.info.is_logging_rank or not trainer.monitor.table_due(step):
             return
         metrics.tables["extreme_documents"] = self.rows(trainer, out.local_groups, trainer.last_step.micro_batches)

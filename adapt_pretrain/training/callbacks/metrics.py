@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from adapt_pretrain.training.callbacks.base import Callback, StepMetrics
+from adapt_pretrain.training.callbacks.base import Callback, StepLog
 from adapt_pretrain.training.callbacks.nonfinite import went_nonfinite
 
 
@@ -35,7 +35,7 @@ class MetricsLogger(Callback):
         self.skipped_steps += int(went_nonfinite(out))
         self.consumed_samples += trainer.samples_per_step
         self.tokens += int(out.num_tokens or 0)
-        metrics = StepMetrics(scalars=self._scalars(trainer, out))
+        metrics = StepLog(scalars=self._scalars(trainer, out))
         if out.metrics is not None and trainer.info.is_logging_rank:  # the global batch's, reduced over DP
             metrics.scalars.update(out.metrics.scalars)
             if trainer.monitor.histogram_due(step):
