@@ -13,7 +13,7 @@ from adapt_pretrain.checkpoint.names import CheckpointError
 SAFE_TO_CHANGE = (
     "train.steps", "train.log_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.stop_at_step", "train.progress_bar", "train.max_nonfinite_in_row", "train.run_dir",
-    "train.collective_timeout_s", "train.watchdog",
+    "train.collective_timeout_s", "train.watchdog", "train.callbacks",
     "wandb.", "data.prefetch_factor", "data.verify_checksums", "data.data_dir", "prepare.",
     # the layout: model and optimiser are resharded, the data stream is redistributed; what must
     # stay is the global batch, checked separately (`layout_problems`)

@@ -44,7 +44,7 @@ def check_finite(path: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class Rule:
-    """What one field accepts. `kind` is integer, number, flag, choice, text, texts or numbers.
+    """What one field accepts. `kind` is integer, number, flag, choice, text, texts, numbers or targets.
 
     minimum / maximum: inclusive bounds; above / below: exclusive bounds (numbers only).
     optional: None is accepted (and kept). options: the allowed values of a choice.
@@ -126,6 +126,22 @@ class Rule:
             raise ConfigError(f"{path} is empty" + (f": {self.hint}" if self.hint else ""))
         return tuple(items) if self.as_tuple else items
 
+    def _targets(self, path: str, value: Any) -> list[dict[str, Any]]:
+        """Objects to build by import path: "package.module:Name" or {"target": "package.module:Name",
+        <keyword arguments>}; stored as mappings (the import itself happens where they are built)."""
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}={value!r} must be a list of \"package.module:Name\" strings or "
+                              "{target: package.module:Name, <arguments>} mappings")
+        out = []
+        for index, item in enumerate(value):
+            spec = {"target": item} if isinstance(item, str) else dict(item) if isinstance(item, Mapping) else None
+            target = spec.get("target") if spec is not None else None
+            if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+                raise ConfigError(f"{path}[{index}]={item!r} must name what to build as \"package.module:Name\" "
+                                  "(a string, or a mapping with that as `target` and keyword arguments beside it)")
+            out.append(spec)
+        return out
+
     def _numbers(self, path: str, value: Any) -> tuple[float, ...]:
         if not isinstance(value, (list, tuple)) or (self.count is not None and len(value) != self.count):
             raise ConfigError(f"{path}={value!r} must be a list of {self.count or 'some'} numbers")
@@ -180,6 +196,11 @@ def texts(*, default: Any = MISSING, default_factory: Any = MISSING, non_empty: 
     rule = Rule("texts", non_empty=non_empty, optional=optional, split_commas=split_commas, as_tuple=as_tuple,
                 hint=hint)
     return _declare(rule, default, default_factory)
+
+
+def targets() -> Any:
+    """A list of objects to build by import path (see Rule._targets); empty by default."""
+    return _declare(Rule("targets"), default_factory=list)
 
 
 # ----- sections --------------------------------------------------------------------------------------
@@ -247,4 +268,4 @@ def from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
 dataclass_from_dict = from_dict  # the older name, kept for callers outside the config package
 
 __all__ = ["ConfigError", "Rule", "Section", "check_finite", "check_keys", "choice", "dataclass_from_dict", "flag",
-           "from_dict", "integer", "number", "numbers", "optional_integer", "suggest", "text", "texts"]
+           "from_dict", "integer", "number", "numbers", "optional_integer", "suggest", "targets", "text", "texts"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapt_pretrain.config.base import ConfigError, Section, flag, integer, number, optional_integer, text
+from adapt_pretrain.config.base import ConfigError, Section, flag, integer, number, optional_integer, targets, text
 
 
 @dataclass
@@ -30,6 +30,10 @@ class TrainConfig(Section):
         the stuck rank (docs/RELIABILITY.md). Minutes, not torch's half-hour default: a stopped rank
         should not idle the whole job for long. Raise it when one step or one save can take longer.
     watchdog: run the hang watchdog (see collective_timeout_s).
+    callbacks: your own callbacks, added to the run's (docs/TRAINING.md, "Callbacks"): each
+        "package.module:Name" (a Callback class or a factory, called without arguments) or
+        {target: "package.module:Name", <keyword arguments>}; e.g. the built-in profiler,
+        {target: "adapt_pretrain.training.callbacks.profiler:StepProfiler", start: 10, steps: 3}.
     """
 
     SECTION = "train"
@@ -48,6 +52,7 @@ class TrainConfig(Section):
     progress_bar: bool = flag(True)
     collective_timeout_s: float = number(600.0, above=0)
     watchdog: bool = flag(True)
+    callbacks: list = targets()
 
     def process_group_timeout_s(self) -> float:
         """Timeout of the process groups' collectives. With the watchdog on it is a margin longer than

@@ -65,6 +65,8 @@ def _wrong_values(rule) -> list:
         bad = [3, ["a"]]
     elif rule.kind == "texts":
         bad = [[3], 4.5]
+    elif rule.kind == "targets":
+        bad = ["pkg.mod:Name", ["no_colon"], [{"arguments": 1}], [":Name"], [3]]
     else:
         assert rule.kind == "numbers", rule
         bad = ["x", [0.5], [0.5, "y"], [0.5, True]]

@@ -99,3 +99,60 @@ def test_callbacks_stop_early_evaluate_and_resume(demo_data_dir, tmp_path):
     assert {s: line["scalars"].get("eval/runs") for s, line in steps.items() if "eval/runs" in line["scalars"]} \
         == {0: 1.0, 2: 2.0, 4: 3.0}
     assert steps[STEPS - 1]["scalars"]["train/consumed_samples"] == 4 * STEPS
+
+
+# ----- callbacks named in the config (train.callbacks) ------------------------------------------------
+
+def _config(*overrides: str):
+    from adapt_pretrain.config import load_run_config
+
+    return load_run_config(None, [*TINY_MODEL, "data.data_dir=/not/read/here", *overrides])
+
+
+def test_configured_callbacks_are_built_with_their_arguments_after_the_runs_own():
+    from adapt_pretrain.training.callbacks import default_callbacks
+
+    cfg = _config("train.callbacks=[{target: tests.e2e.test_callbacks:StopAfter, steps: 2}, "
+                  "{target: tests.e2e.test_callbacks:EveryNEval, n: 3}]")
+    built = default_callbacks(cfg)
+    assert [type(c).__name__ for c in built[-2:]] == ["StopAfter", "EveryNEval"]
+    assert built[-1].n == 3 and built[-2].steps == 2 and not isinstance(built[0], (StopAfter, EveryNEval))
+
+
+def test_configured_callback_problems_name_the_entry():
+    import pytest
+
+    from adapt_pretrain.config import ConfigError
+    from adapt_pretrain.training.callbacks import default_callbacks
+
+    cases = {
+        "train.callbacks=[tests.e2e.test_callbacks]": 'train.callbacks[0]=',  # no ":Name"
+        "train.callbacks=[no_such_package.mod:X]": "cannot import no_such_package.mod",
+        "train.callbacks=[tests.e2e.test_callbacks:EveryNEvl]": "did you mean tests.e2e.test_callbacks:EveryNEval",
+        "train.callbacks=[{target: tests.e2e.test_callbacks:EveryNEval, m: 2}]": "unexpected keyword argument 'm'",
+        "train.callbacks=[os:getcwd]": "not a Callback",
+        "train.callbacks=[{target: adapt_pretrain.training.callbacks.profiler:StepProfiler, steps: 0}]": "steps=0",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match="train.callbacks") as err:
+            default_callbacks(_config(override))
+        assert message in str(err.value), (override, str(err.value))
+
+
+def test_profiler_from_the_command_line_writes_a_trace_of_its_steps(demo_data_dir, tmp_path):
+    """The launcher path: `train.callbacks=[...]` on the command line turns the profiler on for steps
+    1-2 of 4; the trace holds those steps' operators and a `profile` event points at it."""
+    import json
+
+    from .helpers import events, train_plain
+
+    run_dir = str(tmp_path / "run")
+    train_plain([*_overrides(demo_data_dir, run_dir), "train.steps=4", "train.checkpoint_interval=0",
+                 "train.callbacks=[{target: adapt_pretrain.training.callbacks.profiler:StepProfiler, start: 1, "
+                 "steps: 2}]"])
+    [event] = events(run_dir, "profile")
+    assert event["fields"]["first_step"] == 1 and event["fields"]["last_step"] == 2
+    trace = event["fields"]["trace"]
+    assert trace == os.path.join(run_dir, "profile", "rank0_steps1-2.json")
+    names = {e.get("name", "") for e in json.load(open(trace))["traceEvents"]}
+    assert any("aten::mm" in n or "aten::addmm" in n or "aten::matmul" in n for n in names), sorted(names)[:20]

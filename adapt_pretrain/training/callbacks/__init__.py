@@ -1,11 +1,13 @@
 """The run's callbacks, one concern each; `default_callbacks(cfg)` registers them from the config.
 
-A user's own callbacks are added with `Trainer(..., callbacks=[...])` (docs/TRAINING.md, "Callbacks").
+A user's own callbacks are added with `Trainer(..., callbacks=[...])` or named in the config
+(`train.callbacks`, built by configured.py); docs/TRAINING.md, "Callbacks".
 """
 from __future__ import annotations
 
 from adapt_pretrain.training.callbacks.base import Callback, CallbackList, StepLog
 from adapt_pretrain.training.callbacks.checkpointer import Checkpointer
+from adapt_pretrain.training.callbacks.configured import build_configured_callbacks
 from adapt_pretrain.training.callbacks.console import Console
 from adapt_pretrain.training.callbacks.extreme_documents import ExtremeDocuments
 from adapt_pretrain.training.callbacks.heartbeat import Heartbeat
@@ -14,11 +16,12 @@ from adapt_pretrain.training.callbacks.nonfinite import NonFiniteLossError, NonF
 
 
 def default_callbacks(cfg) -> list[Callback]:
-    """The callbacks every run has, configured from `cfg.train` (RunConfig)."""
+    """The callbacks every run has, configured from `cfg.train` (RunConfig), then those `train.callbacks` names."""
     train = cfg.train
     nonfinite = NonFinitePolicy(train.max_nonfinite_in_row)
     return [nonfinite, MetricsLogger(), ExtremeDocuments(), Console(train.progress_bar, train.log_interval, train.steps),
-            Heartbeat(), Checkpointer(train.checkpoint_interval, train.keep_checkpoints, nonfinite)]
+            Heartbeat(), Checkpointer(train.checkpoint_interval, train.keep_checkpoints, nonfinite),
+            *build_configured_callbacks(train.callbacks)]
 
 
 __all__ = ["Callback", "CallbackList", "Checkpointer", "Console", "ExtremeDocuments", "Heartbeat", "MetricsLogger",
