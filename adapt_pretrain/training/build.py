@@ -1,5 +1,5 @@
 """Constructing a run's parts from its config: data (prepared on first use), loader, model, optimiser,
-ADAPT engine, step engine, anchors and monitor. Nothing here decides *when* anything happens."""
+ADAPT engine, step engine and anchors. Nothing here decides *when* anything happens."""
 from __future__ import annotations
 
 import dataclasses
@@ -85,11 +85,3 @@ def read_anchors(cfg: RunConfig, info: Any, data_dir: str, step_fn: Any) -> list
     return anchor_batches(data_dir, cfg.model.seq_len, cfg.train.micro_batch_size, info.dp_rank, info.dp_size,
                           num_anchors=cfg.adapt.num_anchors)
 
-
-def build_monitor(cfg: RunConfig, info: Any, layout: dict[str, Any]) -> Any:
-    """The metrics sink. The logging rank holds the final results (last pipeline stage, TP rank 0, DP rank 0)."""
-    from adapt_pretrain.monitor import Monitor
-
-    rank = 0 if info.is_logging_rank else 1
-    config = {**cfg.to_dict(), "layout": layout}
-    return Monitor(cfg.train.run_dir, config, cfg.wandb, rank=rank, stdout=False)

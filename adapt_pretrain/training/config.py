@@ -21,7 +21,8 @@ class TrainConfig(Section):
     checkpoint_interval: save every this many steps (0: only at the end); keep_checkpoints: how many to keep.
     run_dir: metrics, checkpoints and the prepared demo data live here.
     max_nonfinite_in_row: stop (with a message) after this many consecutive non-finite steps.
-    log_interval: print a line to stdout every this many steps (metrics.jsonl gets every step).
+    log_interval: print a console line every this many steps and at the last (stdout; stderr through the
+        progress bar when it is on); metrics.jsonl gets every step.
     stop_at_step: end this invocation after that step, leaving the schedule untouched (time-boxed
         jobs and resume tests); null runs to `steps`.
     progress_bar: tqdm bar on rank 0.

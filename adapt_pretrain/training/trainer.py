@@ -17,8 +17,9 @@ import torch
 from adapt_pretrain.deepspeed.launcher import DistEnv
 from adapt_pretrain.config import RunConfig
 from adapt_pretrain.layout import Layout
-from adapt_pretrain.training.build import build_monitor, build_parts
-from adapt_pretrain.training.callbacks import Callback, CallbackList, default_callbacks
+from adapt_pretrain.monitor import NullMonitor
+from adapt_pretrain.training.build import build_parts
+from adapt_pretrain.training.callbacks import Callback, CallbackList, RunLog, StepLog, default_callbacks
 from adapt_pretrain.training.resume import Resumer, checkpoint_root
 
 
@@ -107,12 +108,18 @@ class Trainer:
             self.resumed_from = plan.path
             if self.info.rank == 0:
                 print(f"[adapt-pretrain] resumed from {plan.path} at step {self.state.step}", flush=True)
-        self.monitor = build_monitor(cfg, self.info, self.layout.as_dict())
+        self.callbacks.fire("on_setup", self)
         for name, fields in resumer.events:
             self.monitor.log_event(self.state.step, name, **fields)
         self._data_iter: Iterator[dict] | None = None
 
     # -- the parts callbacks and tools reach -----------------------------------------------------------
+    @property
+    def monitor(self) -> Any:
+        """The run log (metrics.jsonl and its W&B mirror), owned by the RunLog callback."""
+        run_log = self.callbacks.find(RunLog)
+        return run_log.monitor if run_log is not None and run_log.monitor is not None else NullMonitor()
+
     @property
     def step_fn(self) -> Any:
         return self.parts.step_fn
@@ -176,6 +183,10 @@ class Trainer:
         self.last_step = StepRecord(step, micro, time.perf_counter() - t0, refresh_s)
         self.state.step += 1
         self.callbacks.fire("on_step_end", self, step, out)
+        metrics = StepLog()
+        self.callbacks.fire("add_metrics", self, step, out, metrics)
+        self.callbacks.fire("log_metrics", self, step, metrics)
+        self.callbacks.fire("on_step_done", self, step, out)
         return float(out.loss), self.last_step.step_s, refresh_s
 
     def _refresh_anchors(self, step: int) -> float:
@@ -198,7 +209,6 @@ class Trainer:
 
     def close(self) -> None:
         self.callbacks.fire("close")
-        self.monitor.close()
         closer = getattr(self.loader, "close", None)
         if closer is not None:
             closer()

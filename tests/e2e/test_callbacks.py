@@ -50,6 +50,29 @@ class EveryNEval(Callback):
         self.ran_at = list(state["ran_at"])
 
 
+class HookOrder(Callback):
+    """Records the hooks of each step as the loop fires them (runs after every other callback)."""
+
+    order = 1000
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    def on_step_end(self, trainer, step, out) -> None:
+        self.seen.append(("on_step_end", step))
+
+    def add_metrics(self, trainer, step, out, metrics) -> None:
+        self.seen.append(("add_metrics", step, "loss" in metrics.scalars))  # the metrics callback's are in
+
+    def log_metrics(self, trainer, step, metrics) -> None:
+        self.seen.append(("log_metrics", step))
+
+    def on_step_done(self, trainer, step, out) -> None:
+        from adapt_pretrain.monitor import read_metrics
+
+        self.seen.append(("on_step_done", step, step in read_metrics(trainer.run_dir)[0]))  # logged before saving
+
+
 def _overrides(data_dir: str, run_dir: str) -> list[str]:
     return [*TINY_MODEL, f"data.data_dir={data_dir}", "data.num_workers=0", f"train.run_dir={run_dir}",
             f"train.steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=4",
@@ -64,8 +87,9 @@ def _stop_then_resume(rank: int, world: int, data_dir: str, run_dir: str) -> dic
     from adapt_pretrain.training.callbacks import MetricsLogger
     from adapt_pretrain.training.trainer import Trainer
 
+    order = HookOrder()
     first = Trainer(load_run_config(None, _overrides(data_dir, run_dir)), read_dist_env(),
-                    callbacks=[StopAfter(STOP_AT), EveryNEval(2)])
+                    callbacks=[StopAfter(STOP_AT), EveryNEval(2), order])
     stopped = first.run()
     counters = first.callbacks.find(MetricsLogger).state_dict()
     first.close()
@@ -79,7 +103,8 @@ def _stop_then_resume(rank: int, world: int, data_dir: str, run_dir: str) -> dic
     second.close()
     teardown_parallel()
     return {"stopped": (stopped.steps_run, stopped.final_step), "counters": counters, "restored": restored,
-            "resumed": (resumed.steps_run, resumed.final_step), "ran_at": evaluation.ran_at}
+            "resumed": (resumed.steps_run, resumed.final_step), "ran_at": evaluation.ran_at,
+            "hooks": order.seen}
 
 
 def test_callbacks_stop_early_evaluate_and_resume(demo_data_dir, tmp_path):
@@ -99,6 +124,10 @@ def test_callbacks_stop_early_evaluate_and_resume(demo_data_dir, tmp_path):
     assert {s: line["scalars"].get("eval/runs") for s, line in steps.items() if "eval/runs" in line["scalars"]} \
         == {0: 1.0, 2: 2.0, 4: 3.0}
     assert steps[STEPS - 1]["scalars"]["train/consumed_samples"] == 4 * STEPS
+    # the loop owns the order: react, add to the line, publish it, then persist (a checkpoint never
+    # holds a step whose metrics line is not written yet)
+    assert out["hooks"] == [hook for step in range(STOP_AT) for hook in (
+        ("on_step_end", step), ("add_metrics", step, True), ("log_metrics", step), ("on_step_done", step, True))]
 
 
 # ----- callbacks named in the config (train.callbacks) ------------------------------------------------

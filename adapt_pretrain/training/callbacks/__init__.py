@@ -12,6 +12,7 @@ from adapt_pretrain.training.callbacks.console import Console
 from adapt_pretrain.training.callbacks.extreme_documents import ExtremeDocuments
 from adapt_pretrain.training.callbacks.heartbeat import Heartbeat
 from adapt_pretrain.training.callbacks.metrics import MetricsLogger
+from adapt_pretrain.training.callbacks.run_log import RunLog
 from adapt_pretrain.training.callbacks.nonfinite import NonFiniteLossError, NonFinitePolicy, went_nonfinite
 
 
@@ -19,10 +20,10 @@ def default_callbacks(cfg) -> list[Callback]:
     """The callbacks every run has, configured from `cfg.train` (RunConfig), then those `train.callbacks` names."""
     train = cfg.train
     nonfinite = NonFinitePolicy(train.max_nonfinite_in_row)
-    return [nonfinite, MetricsLogger(), ExtremeDocuments(), Console(train.progress_bar, train.log_interval, train.steps),
+    return [nonfinite, RunLog(), MetricsLogger(), ExtremeDocuments(), Console(train.progress_bar, train.log_interval),
             Heartbeat(), Checkpointer(train.checkpoint_interval, train.keep_checkpoints, nonfinite),
             *build_configured_callbacks(train.callbacks)]
 
 
 __all__ = ["Callback", "CallbackList", "Checkpointer", "Console", "ExtremeDocuments", "Heartbeat", "MetricsLogger",
-           "NonFiniteLossError", "NonFinitePolicy", "StepLog", "default_callbacks", "went_nonfinite"]
+           "NonFiniteLossError", "NonFinitePolicy", "RunLog", "StepLog", "default_callbacks", "went_nonfinite"]

@@ -38,6 +38,9 @@ class Callback:
     def state_key(self) -> str:
         return self.name or type(self).__name__
 
+    def on_setup(self, trainer: Any) -> None:
+        """The trainer is built (parts loaded, a resume applied); nothing has run yet."""
+
     def on_run_start(self, trainer: Any, start: int, end: int) -> None:
         """`run()` is about to run steps start..end-1."""
 
@@ -51,10 +54,13 @@ class Callback:
         """Step `step` ran (`out`: its megatron/step.StepResult); `trainer.state.step` is already step + 1."""
 
     def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepLog) -> None:
-        """Add scalars, histograms or tables to step `step`'s metrics line before it is logged."""
+        """Add scalars, histograms or tables to step `step`'s metrics line (after every `on_step_end`)."""
 
     def log_metrics(self, trainer: Any, step: int, metrics: StepLog) -> None:
-        """Step `step`'s metrics line was logged."""
+        """Publish step `step`'s complete metrics line (the run log, the console)."""
+
+    def on_step_done(self, trainer: Any, step: int, out: Any) -> None:
+        """Step `step` is complete and logged: persist what must survive it (checkpoints, heartbeats)."""
 
     def on_run_end(self, trainer: Any, result: Any) -> None:
         """The loop ended normally (`result`: the RunResult so far). May raise to fail the run."""

@@ -31,7 +31,7 @@ class Checkpointer(Callback):
     def on_run_start(self, trainer: Any, start: int, end: int) -> None:
         self.saved_at = -1
 
-    def on_step_end(self, trainer: Any, step: int, out: Any) -> None:
+    def on_step_done(self, trainer: Any, step: int, out: Any) -> None:
         if not went_nonfinite(out):
             self._confirm_and_prune(trainer, step)
         if self.interval and trainer.state.step % self.interval == 0:

@@ -13,13 +13,16 @@ log = get_logger(__name__)
 
 
 class Console(Callback):
-    """progress_bar: show the bar (stderr; the metric lines then go through it); log_interval: lines' cadence."""
+    """progress_bar: show the bar (stderr; the metric lines then go through it, so they stay readable);
+    log_interval: lines' cadence (the run's last step always gets one)."""
 
-    def __init__(self, progress_bar: bool, log_interval: int, steps: int) -> None:
-        self.progress_bar, self.log_interval, self.steps = progress_bar, log_interval, steps
+    def __init__(self, progress_bar: bool, log_interval: int) -> None:
+        self.progress_bar, self.log_interval = progress_bar, log_interval
         self.bar: Any = None
+        self.end = 0  # the step this invocation stops at (train.steps or train.stop_at_step)
 
     def on_run_start(self, trainer: Any, start: int, end: int) -> None:
+        self.end = end
         if start >= end and trainer.info.rank == 0:
             log.info(f"nothing to run: the run is at step {start} and train.steps / train.stop_at_step end it at {end}")
         if self.progress_bar and trainer.info.is_logging_rank:
@@ -28,7 +31,7 @@ class Console(Callback):
             self.bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def log_metrics(self, trainer: Any, step: int, metrics: StepLog) -> None:
-        if not trainer.info.is_logging_rank or (step % self.log_interval and step + 1 != self.steps):
+        if not trainer.info.is_logging_rank or (step % self.log_interval and step + 1 != self.end):
             return
         message = console_line(step, metrics.scalars)
         if self.progress_bar:

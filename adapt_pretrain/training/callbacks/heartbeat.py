@@ -11,5 +11,5 @@ from adapt_pretrain.training.callbacks.base import Callback
 class Heartbeat(Callback):
     order = 50  # after the step is logged, before a checkpoint (a hung save is then noticed)
 
-    def on_step_end(self, trainer: Any, step: int, out: Any) -> None:
+    def on_step_done(self, trainer: Any, step: int, out: Any) -> None:
         watchdog.beat(trainer.state.step)

@@ -35,15 +35,14 @@ class MetricsLogger(Callback):
         self.skipped_steps += int(went_nonfinite(out))
         self.consumed_samples += trainer.samples_per_step
         self.tokens += int(out.num_tokens or 0)
-        metrics = StepLog(scalars=self._scalars(trainer, out))
+
+    def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepLog) -> None:
+        metrics.scalars.update(self._scalars(trainer, out))
         if out.metrics is not None and trainer.info.is_logging_rank:  # the global batch's, reduced over DP
             metrics.scalars.update(out.metrics.scalars)
             if trainer.monitor.histogram_due(step):
                 metrics.histograms.update(out.metrics.histograms)
         metrics.scalars.update(data_stats(trainer.loader, trainer.info))
-        trainer.callbacks.fire("add_metrics", trainer, step, out, metrics)
-        trainer.monitor.log_step(step, metrics.scalars, metrics.histograms or None, metrics.tables or None)
-        trainer.callbacks.fire("log_metrics", trainer, step, metrics)
 
     def _scalars(self, trainer: Any, out: Any) -> dict[str, float]:
         timing = trainer.last_step
