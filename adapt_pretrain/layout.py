@@ -13,6 +13,26 @@ from typing import Any
 from adapt_pretrain.config.base import ConfigError
 
 
+def micro_batches_per_step(train: Any, dp: int) -> int:
+    """Micro-batches per step on each data-parallel rank: train.global_batch_size / (micro_batch_size * dp),
+    or train.gradient_accumulation_steps (default 1) when no global batch is given; ConfigError when they
+    do not divide or contradict each other."""
+    if train.global_batch_size is None:
+        return train.gradient_accumulation_steps or 1
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size * data-parallel size = {train.micro_batch_size} * {dp} = {per_step}")
+    gas = train.global_batch_size // per_step
+    if train.gradient_accumulation_steps is not None and train.gradient_accumulation_steps != gas:
+        raise ConfigError(
+            f"train.gradient_accumulation_steps={train.gradient_accumulation_steps} contradicts "
+            f"train.global_batch_size={train.global_batch_size} (micro_batch_size={train.micro_batch_size}, "
+            f"dp={dp} gives {gas}); set only one of them")
+    return gas
+
+
 def data_parallel_size(parallel: Any, world_size: int) -> int:
     """world_size / (parallel.tensor * parallel.pipeline); ConfigError when it does not divide."""
     tp, pp = parallel.tensor, parallel.pipeline
@@ -41,7 +61,7 @@ class Layout:
         dp = data_parallel_size(parallel, world_size)
         return cls(world_size=world_size, tp=parallel.tensor, pp=parallel.pipeline,
                    vp=int(parallel.virtual_pipeline or 1), dp=dp, micro_batch_size=train.micro_batch_size,
-                   num_microbatches=train.num_microbatches(dp))
+                   num_microbatches=micro_batches_per_step(train, dp))
 
     @property
     def global_batch_size(self) -> int:
@@ -54,4 +74,4 @@ class Layout:
                 "micro_batch_size": self.micro_batch_size, "num_microbatches": self.num_microbatches}
 
 
-__all__ = ["Layout", "data_parallel_size"]
+__all__ = ["Layout", "data_parallel_size", "micro_batches_per_step"]

@@ -111,12 +111,13 @@ def run(cfg, warmup: int, steps: int, refreshes: int, peak_tflops: float | None)
     import dataclasses
 
     from adapt_pretrain.core import AdaptEngine
+    from adapt_pretrain.layout import micro_batches_per_step
     from adapt_pretrain.megatron import TrainStep, build_model, build_optimizer, setup_parallel
     from adapt_pretrain.megatron.model import resolve_attention
 
     info = setup_parallel(cfg.parallel, cfg.train.seed)
     model = cfg.model
-    num_micro = cfg.train.num_microbatches(info.dp_size)
+    num_micro = micro_batches_per_step(cfg.train, info.dp_size)
     b, s = cfg.train.micro_batch_size, model.seq_len
     chunks = build_model(model, cfg.parallel)
     optimizer, scheduler = build_optimizer(chunks, cfg.optim)

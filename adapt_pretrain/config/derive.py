@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from adapt_pretrain.config.base import ConfigError
 
-DEMO_INPUTS = "demo"  # `prepare.inputs: demo` means the corpus bundled with the package
+DEMO_INPUTS = "demo"  # `prepare.inputs: demo` names the bundled corpus; `prepare` expands it (data/demo.py)
 
 
 def derive(raw: Mapping[str, Any], sections: tuple[str, ...], train_defaults: Any, source: str) -> dict[str, Any]:
@@ -40,10 +40,6 @@ def derive(raw: Mapping[str, Any], sections: tuple[str, ...], train_defaults: An
     out["optim"].setdefault("total_steps", train["steps"])
     if out.get("prepare") is not None:
         prep = out["prepare"]
-        if prep.get("inputs") == DEMO_INPUTS:
-            from adapt_pretrain.data.demo import demo_corpus_paths
-
-            prep["inputs"] = demo_corpus_paths()
         data_dir = out["data"].get("data_dir") or prep.get("out_dir") or os.path.join(train["run_dir"], "data")
         tie("prepare", "out_dir", data_dir, "data.data_dir")
         out["data"]["data_dir"] = data_dir

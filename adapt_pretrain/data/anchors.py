@@ -12,8 +12,9 @@ import math
 import os
 from typing import Any, Optional
 
-from adapt_pretrain.data.config import DataError, check_data_dir, resolve_dp
+from adapt_pretrain.data.config import DataError, check_data_dir
 from adapt_pretrain.data.manifest import Manifest
+from adapt_pretrain.data.plan import resolve_dp
 from adapt_pretrain.data.packing import StreamDoc, anchor_collate
 from adapt_pretrain.data.shardio import read_shard
 from adapt_pretrain.data.skips import SkipCounter

@@ -26,26 +26,6 @@ class DataError(RuntimeError):
     """Bad input met in strict mode, or an unusable data directory; the message names shard/file and key."""
 
 
-def resolve_dp(rank: Optional[int], size: Optional[int]) -> tuple[int, int]:
-    """Data-parallel (rank, size): given values win, else torch.distributed's, else (0, 1).
-
-    With tensor/pipeline parallelism the global rank is not the data-parallel rank: pass both.
-    """
-    if rank is None or size is None:
-        try:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized():
-                rank = dist.get_rank() if rank is None else rank
-                size = dist.get_world_size() if size is None else size
-        except ImportError:  # pragma: no cover
-            pass
-    rank = 0 if rank is None else rank
-    size = 1 if size is None else size
-    if not 0 <= rank < size:
-        raise ConfigError(f"data-parallel rank {rank} must be in [0, {size})")
-    return rank, size
-
-
 def check_data_dir(data_dir: str, field_name: str = "data.data_dir") -> None:
     """ConfigError naming `field_name` unless `data_dir` holds a manifest.json written by `prepare`."""
     if not os.path.isfile(os.path.join(data_dir, MANIFEST)):
@@ -150,4 +130,4 @@ class DataConfig(Section):
 
 
 __all__ = ["PrepareConfig", "DataConfig", "DataError", "ConfigError", "MODES", "FINITE_BALANCE", "check_data_dir",
-           "check_prepare_inputs", "resolve_dp"]
+           "check_prepare_inputs"]

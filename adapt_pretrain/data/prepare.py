@@ -9,6 +9,7 @@ manifest. Python API: `prepare(PrepareConfig(...)) -> manifest path`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.bm25 import BM25Scorer
 from adapt_pretrain.data.config import DataError, PrepareConfig, check_prepare_inputs
+from adapt_pretrain.data.demo import expand_demo_inputs
 from adapt_pretrain.data.manifest import FORMAT, Manifest, split_summary, write_manifest
 from adapt_pretrain.data.pieces import iter_pieces, split_text
 from adapt_pretrain.data.readers import RawDoc, iter_documents
@@ -205,6 +207,7 @@ def _get_tokenizer(cfg: PrepareConfig) -> Any:
 
 def prepare(cfg: PrepareConfig) -> str:
     """Run the whole preparation; returns the path of the written manifest.json."""
+    cfg = dataclasses.replace(cfg, inputs=expand_demo_inputs(cfg.inputs))
     check_prepare_inputs(cfg)  # here, not at construction: a config may name inputs of another machine
     t0 = time.time()
     _prepare_out_dir(cfg)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from adapt_pretrain.data import plan
-from adapt_pretrain.data.config import DataConfig, DataError, check_data_dir, resolve_dp
+from adapt_pretrain.data.config import DataConfig, DataError, check_data_dir
 from adapt_pretrain.data.elastic import Segment, StreamSchedule, finite_target, redistribute
 from adapt_pretrain.data.manifest import Manifest
 from adapt_pretrain.data.packing import StreamDoc, as_torch, collate, pack_windows
@@ -147,7 +147,7 @@ class DataStream:
         With tensor/pipeline parallelism the global rank is not the data-parallel rank: pass both."""
         check_data_dir(cfg.data_dir)
         self.cfg = cfg
-        self.rank, self.dp_size = resolve_dp(dp_rank, dp_size)
+        self.rank, self.dp_size = plan.resolve_dp(dp_rank, dp_size)
         self.manifest = Manifest.load(cfg.data_dir)
         if not self.manifest.shards(cfg.split):
             raise DataError(f"{cfg.data_dir}: split {cfg.split!r} has no shards")

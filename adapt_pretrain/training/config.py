@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapt_pretrain.config.base import ConfigError, Section, flag, integer, number, optional_integer, targets, text
+from adapt_pretrain.config.base import Section, flag, integer, number, optional_integer, targets, text
 
 
 @dataclass
@@ -62,23 +62,6 @@ class TrainConfig(Section):
         if not self.watchdog:
             return self.collective_timeout_s
         return self.collective_timeout_s + max(15.0, 0.1 * self.collective_timeout_s)
-
-    def num_microbatches(self, dp: int) -> int:
-        """Micro-batches per step on each data-parallel rank for a data-parallel size `dp`."""
-        if self.global_batch_size is None:
-            return self.gradient_accumulation_steps or 1
-        per_step = self.micro_batch_size * dp
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
-                f"train.micro_batch_size * data-parallel size = {self.micro_batch_size} * {dp} = {per_step}")
-        gas = self.global_batch_size // per_step
-        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != gas:
-            raise ConfigError(
-                f"train.gradient_accumulation_steps={self.gradient_accumulation_steps} contradicts "
-                f"train.global_batch_size={self.global_batch_size} (micro_batch_size={self.micro_batch_size}, "
-                f"dp={dp} gives {gas}); set only one of them")
-        return gas
 
 
 __all__ = ["TrainConfig"]

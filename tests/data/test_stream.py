@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adapt_pretrain.data import DataConfig, DataError, DataStream, Manifest, anchor_batches, domain_names
-from adapt_pretrain.data import plan
+from tests.data.schedule_oracle import finite_batches_per_worker
 from adapt_pretrain.data.shardio import iter_raw_samples
 from adapt_pretrain.data.skips import SkipCounter
 from tests.distributed_helper import run_distributed
@@ -90,23 +90,12 @@ def test_finite_epoch_every_document_once_over_2_ranks_x_2_workers(prepared):
 
 
 def test_finite_drop_balance_gives_min_count_and_counts_nothing_as_skip(prepared):
-    m, expected = plan.finite_batches_per_worker(3, 0, [s["tokens"] for s in Manifest.load(prepared).shards("train")],
+    m, expected = finite_batches_per_worker(3, 0, [s["tokens"] for s in Manifest.load(prepared).shards("train")],
                                                  [s["docs"] for s in Manifest.load(prepared).shards("train")],
                                                  4, SEQ, MBS, "drop")
     assert m == min(expected) and len(set(expected)) > 1  # shards are uneven here
     lens = [len(take(stream(prepared, dp_rank=r, mode="finite", finite_balance="drop"))) for r in range(2)]
     assert lens == [2 * m, 2 * m]
-
-
-def test_infinite_schedule_reads_each_shard_once_per_epoch():
-    for S, N in [(25, 4), (3, 4), (7, 2), (1, 4)]:
-        seen = {}
-        for k in range(N):
-            for j in range(3 * S):
-                e, s = plan.infinite_shard(0, S, k, N, j)
-                seen.setdefault(e, []).append(s)
-        for e in range(2):
-            assert sorted(seen[e]) == list(range(S))
 
 
 def test_infinite_mode_runs_past_an_epoch(prepared):

@@ -160,7 +160,7 @@ def test_configured_callback_problems_name_the_entry():
         "train.callbacks=[tests.e2e.test_callbacks:EveryNEvl]": "did you mean tests.e2e.test_callbacks:EveryNEval",
         "train.callbacks=[{target: tests.e2e.test_callbacks:EveryNEval, m: 2}]": "unexpected keyword argument 'm'",
         "train.callbacks=[os:getcwd]": "not a Callback",
-        "train.callbacks=[{target: adapt_pretrain.training.callbacks.profiler:StepProfiler, steps: 0}]": "steps=0",
+        "train.callbacks=[{target: adapt_pretrain.training.callbacks.profiler:StepProfiler, steps: 0}]": "steps=0 must be >= 1",
     }
     for override, message in cases.items():
         with pytest.raises(ConfigError, match="train.callbacks") as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from adapt_pretrain.config.base import ConfigError
+from adapt_pretrain.config.base import Rule
 from adapt_pretrain.logs import get_logger
 from adapt_pretrain.training.callbacks.base import Callback
 
@@ -29,11 +29,12 @@ class StepProfiler(Callback):
 
     def __init__(self, start: int = 5, steps: int = 3, out_dir: Optional[str] = None, record_shapes: bool = False,
                  with_stack: bool = False, top: int = 10) -> None:
-        for name, value, minimum in (("start", start, 0), ("steps", steps, 1), ("top", top, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(f"StepProfiler {name}={value!r} must be an integer >= {minimum}")
-        self.start, self.steps, self.out_dir, self.top = start, steps, out_dir, top
-        self.record_shapes, self.with_stack = record_shapes, with_stack
+        self.start = Rule("integer", minimum=0).apply("StepProfiler start", start)
+        self.steps = Rule("integer", minimum=1).apply("StepProfiler steps", steps)
+        self.top = Rule("integer", minimum=0).apply("StepProfiler top", top)
+        self.out_dir = Rule("text", optional=True).apply("StepProfiler out_dir", out_dir)
+        self.record_shapes = Rule("flag").apply("StepProfiler record_shapes", record_shapes)
+        self.with_stack = Rule("flag").apply("StepProfiler with_stack", with_stack)
         self.trace_path: Optional[str] = None
         self._profile: Any = None
         self._first = -1
