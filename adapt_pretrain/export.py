@@ -32,7 +32,6 @@ import torch
 
 from adapt_pretrain.megatron.config import ModelConfig
 
-CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class ExportError(ValueError):
@@ -115,23 +114,6 @@ def llama_state_dict(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def find_step_checkpoint(run_dir: str, step: Optional[int]) -> str:
-    """The run's newest complete checkpoint, or the one of `step`."""
-    from adapt_pretrain.checkpoint import find_checkpoint, step_dir_name
-
-    root = os.path.join(run_dir, CHECKPOINT_SUBDIR)
-    if step is not None:
-        path = find_checkpoint(os.path.join(root, step_dir_name(step)))
-        if path is None:
-            have = sorted(d for d in os.listdir(root) if d.startswith("step_") and "." not in d) if os.path.isdir(root) else []
-            raise ExportError(f"{run_dir}: no complete checkpoint for step {step} (have: {', '.join(have) or 'none'})")
-        return path
-    path = find_checkpoint(root) or find_checkpoint(run_dir)
-    if path is None:
-        raise ExportError(f"{run_dir}: no complete checkpoint")
-    return path
-
-
 def _tokenizer_path(meta: dict[str, Any], override: Optional[str]) -> tuple[str, Optional[int], Optional[str]]:
     """(tokenizer.json, eos id, eos token) from the run's prepared data dir, or `override`."""
     from adapt_pretrain.data.manifest import Manifest
@@ -154,12 +136,12 @@ def export_checkpoint(ckpt: str, out: str, tokenizer: Optional[str] = None) -> d
     from safetensors.torch import save_file
 
     from adapt_pretrain.checkpoint import read_meta
-    from adapt_pretrain.config import dataclass_from_dict
+    from adapt_pretrain.config import from_dict
     from adapt_pretrain.megatron.reshard import gather_full_state_dict
     from adapt_pretrain.trained_model import load_checkpoint_gpt
 
     meta = read_meta(ckpt)
-    model = dataclass_from_dict(ModelConfig, meta["config"]["model"], section="model")
+    model = from_dict(ModelConfig, meta["config"]["model"], "model")
     problems = unsupported_options(model)
     if problems:
         raise ExportError(f"{ckpt}: the model cannot be exported as LlamaForCausalLM:\n  " + "\n  ".join(problems))
@@ -204,9 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        ckpt = find_step_checkpoint(args.run_dir, args.step)
+        from adapt_pretrain.checkpoint import CheckpointError, find_run_checkpoint
+
+        ckpt = find_run_checkpoint(args.run_dir, args.step)
         summary = export_checkpoint(ckpt, args.out, args.tokenizer)
-    except (ExportError, ValueError, FileNotFoundError) as exc:
+    except (ExportError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"adapt-pretrain export: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -6,14 +6,12 @@ eval sees exactly the network that was trained (same megatron code path, same CP
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-CHECKPOINT_SUBDIR = "checkpoints"
 
 
 @dataclass
@@ -34,29 +32,19 @@ class LoadedModel:
         return next(self.gpt.parameters()).device
 
 
-def find_run_checkpoint(run_dir: str) -> str:
-    """The newest complete checkpoint of a run directory (raises FileNotFoundError naming the run)."""
-    from adapt_pretrain.checkpoint import find_checkpoint
-
-    ckpt = find_checkpoint(os.path.join(run_dir, CHECKPOINT_SUBDIR)) or find_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no complete checkpoint (train the run to the end first)")
-    return ckpt
-
-
 def load_checkpoint_gpt(ckpt: str) -> tuple[Any, dict[str, Any], torch.nn.Module]:
     """(ModelConfig, meta, GPTModel): the checkpoint's network rebuilt as TP = PP = 1 in this process,
     with its weights, whatever layout wrote it (sharded checkpoints are resharded on load; a legacy
     per-rank checkpoint is readable only if it was written with TP = PP = 1)."""
     from adapt_pretrain.checkpoint import load_rank_state, read_meta
-    from adapt_pretrain.config import dataclass_from_dict
+    from adapt_pretrain.config import from_dict
     from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
     from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, load_sharded, sharded_dir
     from adapt_pretrain.megatron.model import build_model, unwrap
     from adapt_pretrain.megatron.parallel import setup_parallel
 
     meta = read_meta(ckpt)
-    model_cfg = dataclass_from_dict(ModelConfig, meta["config"]["model"], section="model")
+    model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
     layout = meta.get("layout", {})
     sharded = is_sharded_checkpoint(sharded_dir(ckpt))
     if not sharded and (int(layout.get("tp", 1)) != 1 or int(layout.get("pp", 1)) != 1):
@@ -77,6 +65,8 @@ def load_checkpoint_gpt(ckpt: str) -> tuple[Any, dict[str, Any], torch.nn.Module
 def load_run_model(run_dir: str) -> LoadedModel:
     """Rebuild the run's GPT in this process and load its final weights (eval mode, no grad)."""
     from adapt_pretrain.megatron.model import HiddenCapture
+
+    from adapt_pretrain.checkpoint import find_run_checkpoint
 
     model_cfg, meta, gpt = load_checkpoint_gpt(find_run_checkpoint(run_dir))
     return LoadedModel(gpt, model_cfg.seq_len, meta["config"], int(meta.get("step", 0)), HiddenCapture.attach(gpt))
@@ -145,8 +135,3 @@ def document_embeddings(model: LoadedModel, docs: Sequence[np.ndarray], batch_si
             hidden = hidden.transpose(0, 1)
         chunks.append(torch.einsum("bs,bsh->bh", weight.to(hidden.device), hidden).cpu().numpy())
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-
-def iter_batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i: i + size]

@@ -29,14 +29,15 @@ compatibility.py (what may change on resume).
 """
 from __future__ import annotations
 
-from adapt_pretrain.checkpoint.names import (FORMAT_VERSION, LATEST, META, MANIFEST, PINNED, SUPERSEDED_PREFIX,
+from adapt_pretrain.checkpoint.names import (CHECKPOINT_SUBDIR, checkpoint_root, FORMAT_VERSION, LATEST, META,
+    MANIFEST, PINNED, SUPERSEDED_PREFIX,
     Exchange, RankState, single_process, CheckpointError, step_dir_name, step_of, rank_file, atomic_write_text,
     read_meta)
 from adapt_pretrain.checkpoint.rng import (rng_state, set_rng_state)
 from adapt_pretrain.checkpoint.integrity import (file_digest, describe_files, write_manifest, verify_checkpoint,
     has_checksums, verify_everywhere)
 from adapt_pretrain.checkpoint.selection import (committed_checkpoints, read_latest, Selection, select_checkpoint,
-    find_checkpoint)
+    find_checkpoint, find_run_checkpoint)
 from adapt_pretrain.checkpoint.retention import (set_aside, set_aside_all, set_aside_newer, pin_checkpoint,
     pinned_checkpoint, prune_checkpoints)
 from adapt_pretrain.checkpoint.storage import (write_rank_state, save_checkpoint, load_rank_state)
@@ -44,7 +45,7 @@ from adapt_pretrain.checkpoint.compatibility import (SAFE_TO_CHANGE, CHANGE_WITH
     consent_problems, config_differences, consented_changes, global_batch, layout_problems, same_layout,
     check_resume_compatible)
 
-__all__ = ['FORMAT_VERSION', 'LATEST', 'META', 'MANIFEST', 'PINNED', 'SUPERSEDED_PREFIX', 'Exchange', 'RankState',
+__all__ = ['CHECKPOINT_SUBDIR', 'checkpoint_root', 'find_run_checkpoint', 'FORMAT_VERSION', 'LATEST', 'META', 'MANIFEST', 'PINNED', 'SUPERSEDED_PREFIX', 'Exchange', 'RankState',
            'single_process', 'CheckpointError', 'step_dir_name', 'step_of', 'rank_file', 'atomic_write_text',
            'read_meta', 'rng_state', 'set_rng_state', 'file_digest', 'describe_files', 'write_manifest',
            'verify_checkpoint', 'has_checksums', 'verify_everywhere', 'committed_checkpoints', 'read_latest',

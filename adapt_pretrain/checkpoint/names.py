@@ -8,6 +8,7 @@ from typing import Any, Callable, Union
 
 
 FORMAT_VERSION = 2  # 2: manifest.json with per-file checksums; 1: no manifest (loaded unverified)
+CHECKPOINT_SUBDIR = "checkpoints"  # a run directory's checkpoints live in <run_dir>/checkpoints
 LATEST, META, MANIFEST, PINNED = "latest", "meta.json", "manifest.json", "pinned"
 SUPERSEDED_PREFIX = "superseded_"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -59,3 +60,8 @@ def atomic_write_text(path: str, text: str) -> None:
 def read_meta(ckpt_dir: str) -> dict[str, Any]:
     with open(os.path.join(ckpt_dir, META), encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def checkpoint_root(run_dir: str) -> str:
+    """Where a run directory keeps its checkpoints."""
+    return os.path.join(run_dir, CHECKPOINT_SUBDIR)

@@ -5,7 +5,8 @@ import os
 from dataclasses import dataclass, field
 
 from adapt_pretrain.checkpoint.integrity import verify_everywhere
-from adapt_pretrain.checkpoint.names import Exchange, LATEST, META, single_process, step_of
+from adapt_pretrain.checkpoint.names import (
+    CheckpointError, Exchange, LATEST, META, checkpoint_root, single_process, step_dir_name, step_of)
 
 
 def committed_checkpoints(root: str) -> list[str]:
@@ -85,3 +86,19 @@ def find_checkpoint(root_or_dir: str) -> str | None:
     if os.path.exists(os.path.join(root_or_dir, META)):
         return root_or_dir
     return select_checkpoint(root_or_dir, rank=0).path
+
+
+def find_run_checkpoint(run_dir: str, step: int | None = None) -> str:
+    """A run directory's newest complete checkpoint (or the one of `step`), for single-process readers
+    (eval, export); CheckpointError naming the run and the steps it has."""
+    root = checkpoint_root(run_dir)
+    if step is not None:
+        path = find_checkpoint(os.path.join(root, step_dir_name(step)))
+        if path is None:
+            have = ", ".join(reversed(committed_checkpoints(root))) or "none"
+            raise CheckpointError(f"{run_dir}: no complete checkpoint for step {step} (have: {have})")
+        return path
+    path = find_checkpoint(root) or find_checkpoint(run_dir)
+    if path is None:
+        raise CheckpointError(f"{run_dir}: no complete checkpoint (train the run to the end first)")
+    return path

@@ -10,11 +10,11 @@
 Importing this package stays light (stdlib + yaml): the section classes are imported on first use.
 """
 from adapt_pretrain.config.adapt import NORMALIZE_MODES, POLICIES, SIGNALS, AdaptConfig
-from adapt_pretrain.config.base import ConfigError, Section, check_finite, dataclass_from_dict, from_dict
+from adapt_pretrain.config.base import ConfigError, Section, check_finite, from_dict
 from adapt_pretrain.config.deepspeed_json import map_deepspeed_keys
 from adapt_pretrain.config.files import apply_overrides, parse_override, read_config_file
 from adapt_pretrain.config.run import SECTIONS, RunConfig, load_run_config
 
 __all__ = ["AdaptConfig", "ConfigError", "NORMALIZE_MODES", "POLICIES", "RunConfig", "SECTIONS", "SIGNALS", "Section",
-           "apply_overrides", "check_finite", "dataclass_from_dict", "from_dict", "load_run_config",
+           "apply_overrides", "check_finite", "from_dict", "load_run_config",
            "map_deepspeed_keys", "parse_override", "read_config_file"]

@@ -265,7 +265,5 @@ def from_dict(cls: type, values: Mapping[str, Any], section: str) -> Any:
         raise ConfigError(f"section {section!r}: {exc}") from None
 
 
-dataclass_from_dict = from_dict  # the older name, kept for callers outside the config package
-
-__all__ = ["ConfigError", "Rule", "Section", "check_finite", "check_keys", "choice", "dataclass_from_dict", "flag",
+__all__ = ["ConfigError", "Rule", "Section", "check_finite", "check_keys", "choice", "flag",
            "from_dict", "integer", "number", "numbers", "optional_integer", "suggest", "targets", "text", "texts"]

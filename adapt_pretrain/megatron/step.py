@@ -23,7 +23,6 @@ Flow of one step (docs/PARALLELISM.md):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -67,7 +66,6 @@ class StepResult:
     metrics: Optional["StepMetrics"] = None
     local_groups: Optional[dict[str, torch.Tensor]] = None
     groups: Optional[dict[str, torch.Tensor]] = None
-    step_time_s: float = 0.0
 
 
 class TrainStep:
@@ -117,7 +115,6 @@ class TrainStep:
         """One optimiser step on this DP rank's `num_microbatches` micro-batches."""
         if len(micro_batches) != self.num_microbatches:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected num_microbatches={self.num_microbatches}")
-        start = time.perf_counter()
         b, s = shape_of(micro_batches)
         self.adapt.begin_step(step)
         for chunk in self.chunks:
@@ -148,7 +145,7 @@ class TrainStep:
         groups = self.adapt.groups() if self.gather_groups else None
         return StepResult(loss=totals.loss, grad_norm=grad_norm, lr=lr, skipped=skipped, num_tokens=totals.num_tokens,
                           normaliser=totals.normaliser, metrics=metrics, local_groups=self.adapt.local_groups(),
-                          groups=groups, step_time_s=time.perf_counter() - start)
+                          groups=groups)
 
     def needs_anchor_refresh(self, step: int) -> bool:
         """Same answer on every rank (the centroid is kept identical everywhere)."""

@@ -13,7 +13,7 @@ from typing import Any
 _EXPORTS = {
     "Monitor": "monitor", "NullMonitor": "monitor", "WandbConfig": "config", "read_metrics": "monitor",
     "PartialStats": "stats", "StatsLayout": "stats", "StepMetrics": "stats", "empty_stats": "stats",
-    "finalize": "stats", "group_token_loss": "stats", "partial_stats": "stats", "step_metrics": "stats",
+    "finalize": "stats", "partial_stats": "stats",
     "console_line": "console",
 }
 __all__ = list(_EXPORTS)

@@ -279,30 +279,3 @@ def finalize(stats: PartialStats, domain_names: Sequence[str] | None = None) -> 
             out[f"domain/{name}/mean_weight"] = wtok / tok
             out[f"domain/{name}/loss"] = loss / tok
     return StepMetrics(out, hists)
-
-
-def step_metrics(
-    layout: StatsLayout,
-    weights: Tensor,
-    scores: Tensor,
-    group_tokens: Tensor,
-    group_domain: Tensor,
-    group_loss: Tensor,
-    domain_names: Sequence[str] | None = None,
-    group: "torch.distributed.ProcessGroup | None" = None,
-) -> StepMetrics:
-    """Convenience for one micro-batch per step: partial sums, all-reduce over `group`, finalise."""
-    part = partial_stats(layout, weights, scores, group_tokens, group_domain, group_loss)
-    return finalize(part.all_reduce(group), domain_names)
-
-
-def group_token_loss(token_loss: Tensor, loss_mask: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group (token count, summed unweighted loss) from per-token tensors [T]; padding has id -1."""
-    gid = group_ids.reshape(-1).long()
-    m = loss_mask.reshape(-1).to(torch.float64) * (gid >= 0)
-    idx = gid.clamp(min=0)
-    tokens = torch.zeros(num_groups, dtype=torch.float64, device=gid.device).index_add_(0, idx, m)
-    per_token = token_loss.detach().reshape(-1).to(torch.float64)
-    per_token = torch.where(m > 0, per_token, torch.zeros_like(per_token))  # padding loss may be NaN
-    loss = torch.zeros(num_groups, dtype=torch.float64, device=gid.device).index_add_(0, idx, per_token)
-    return tokens, loss

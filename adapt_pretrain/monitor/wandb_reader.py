@@ -151,10 +151,6 @@ def read_complete_run(path: str, timeout: float = 30.0, poll: float = 0.1) -> Wa
         time.sleep(poll)
 
 
-def read_history(path: str, strict: bool = True) -> dict[int, dict[str, Any]]:
-    """History rows of a `.wandb` file: step -> {key: value}."""
-    return read_run(path, strict).history
-
 
 def find_run_file(wandb_dir: str) -> str:
     """The newest `run-*.wandb` under a directory (a run dir, its `wandb/` folder or a parent)."""

@@ -20,7 +20,6 @@ log = get_logger(__name__)
 class Parts:
     """What one rank trains with. `step_fn` owns the method; the trainer only calls it."""
 
-    data_cfg: Any        # DataConfig of the prepared corpus
     domains: list[str]
     tokenizer_path: str
     loader: Any          # DataStream for this data-parallel rank
@@ -71,7 +70,7 @@ def build_parts(cfg: RunConfig, info: Any, num_microbatches: int) -> Parts:
     engine = AdaptEngine(cfg.adapt)
     step_fn = TrainStep(chunks, optimizer, scheduler, engine, cfg.model, cfg.parallel, num_microbatches,
                         domains=domains)
-    return Parts(data_cfg=data_cfg, domains=domains, tokenizer_path=manifest.tokenizer_path, loader=loader,
+    return Parts(domains=domains, tokenizer_path=manifest.tokenizer_path, loader=loader,
                  chunks=chunks, optimizer=optimizer, scheduler=scheduler, engine=engine, step_fn=step_fn,
                  anchor_batches=read_anchors(cfg, info, data_cfg.data_dir, step_fn))
 

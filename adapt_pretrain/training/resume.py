@@ -11,18 +11,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, committed_checkpoints,
+from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, checkpoint_root,
+                                       committed_checkpoints,
                                        consented_changes, has_checksums, read_meta, same_layout, select_checkpoint,
                                        set_aside_all, set_aside_newer, set_rng_state, step_of, verify_everywhere)
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.config import RunConfig
 from adapt_pretrain.training.collective import exchange, on_rank0, say
-
-CHECKPOINT_SUBDIR = "checkpoints"
-
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, CHECKPOINT_SUBDIR)
 
 
 def fresh_start_problem(run_dir: str) -> str | None:

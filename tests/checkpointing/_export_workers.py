@@ -89,12 +89,13 @@ def eval_windows() -> torch.Tensor:
 
 def export_and_evaluate(rank: int, world_size: int, root: str) -> dict:
     """Export every variant, and compute `adapt-pretrain eval`'s per-token losses from its checkpoint."""
-    from adapt_pretrain.export import export_checkpoint, find_step_checkpoint
+    from adapt_pretrain.checkpoint import find_run_checkpoint
+    from adapt_pretrain.export import export_checkpoint
     from adapt_pretrain.trained_model import load_run_model, token_losses
 
     out = {}
     for v in VARIANTS:
-        summary = export_checkpoint(find_step_checkpoint(os.path.join(root, v), None), os.path.join(root, v, "hf"))
+        summary = export_checkpoint(find_run_checkpoint(os.path.join(root, v)), os.path.join(root, v, "hf"))
         losses = token_losses(load_run_model(os.path.join(root, v)), eval_windows().numpy())
         out[v] = {"summary": summary, "eval_losses": torch.from_numpy(losses)}
     return out

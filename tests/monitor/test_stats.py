@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapt_pretrain.monitor.stats import (
-    QUANTILES, StatsLayout, empty_stats, finalize, group_token_loss, partial_stats, step_metrics,
+    QUANTILES, StatsLayout, empty_stats, finalize, partial_stats,
 )
 from tests.distributed_helper import run_distributed
 
@@ -154,24 +154,11 @@ def test_reduce_with_callables_is_identity_for_one_rank():
     assert part.all_reduce() is part  # not initialised: no-op
 
 
-def test_group_token_loss_matches_loop():
-    g = torch.Generator().manual_seed(6)
-    gid = torch.randint(-1, 5, (64,), generator=g)
-    mask = (torch.rand(64, generator=g) > 0.2).float()
-    loss = torch.rand(64, generator=g)
-    loss[gid < 0] = float("nan")  # padding may carry garbage
-    tokens, gl = group_token_loss(loss, mask, gid, 5)
-    for k in range(5):
-        sel = (gid == k) & (mask > 0)
-        assert tokens[k].item() == sel.sum().item()
-        assert math.isclose(gl[k].item(), loss[sel].double().sum().item(), rel_tol=1e-12, abs_tol=1e-12)
-
-
 def _dist_worker(rank: int, world_size: int) -> dict:
     # Uneven shards on purpose: ranks hold different numbers of groups; rank 1 misses a domain.
     batch = make_batch(10 + rank, groups=20 + 17 * rank, skip_domain=None if rank == 0 else 2)
     layout = StatsLayout(num_domains=5, num_bins=16)
-    via_group = step_metrics(layout, **batch, domain_names=NAMES)
+    via_group = finalize(partial_stats(layout, **batch).all_reduce(), NAMES)
     return {"scalars": via_group.scalars, "hist": via_group.histograms["hist/weights"][0]}
 
 
