@@ -10,12 +10,11 @@ import json
 import os
 from typing import Any, Optional
 
-from adapt_pretrain.data.config import DataError
+from adapt_pretrain.data.config import MANIFEST, DataError
 from adapt_pretrain.data.shardio import read_shard
 from adapt_pretrain.data.skips import SkipCounter
 
 FORMAT = "adapt-pretrain-shards/1"
-MANIFEST = "manifest.json"
 
 
 class Manifest:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapt_pretrain.config import ConfigError, RunConfig
-from adapt_pretrain.data.config import check_data_dir
+from adapt_pretrain.data.config import MANIFEST, check_data_dir
 from adapt_pretrain.logs import get_logger
 from adapt_pretrain.training.collective import barrier
 
@@ -40,7 +40,7 @@ def ensure_data(cfg: RunConfig, rank: int) -> Any:
     from adapt_pretrain.data.prepare import prepare
 
     if cfg.prepare is not None:
-        manifest = os.path.join(cfg.prepare.out_dir, "manifest.json")
+        manifest = os.path.join(cfg.prepare.out_dir, MANIFEST)
         if rank == 0 and not os.path.exists(manifest):
             log.info(f"preparing {len(cfg.prepare.inputs)} input(s) into {cfg.prepare.out_dir} (first use)")
             t0 = time.perf_counter()
