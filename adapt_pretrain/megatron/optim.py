@@ -122,3 +122,22 @@ def _unalias_adam_steps(optimizer: Any) -> None:
 def current_lr(optimizer: Any) -> float:
     """The learning rate the next update uses (first param group; all share it here)."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def apply_optim_config(optim: Any, optimizer: Any, scheduler: Any) -> None:
+    """Make the loaded optimiser and LR schedule follow the current optim.* (after --allow-change).
+
+    Loading restores the checkpoint's schedule (megatron's scheduler and param groups carry their
+    own lr, min_lr, horizon), so the allowed changes are written into them and the LR recomputed.
+    """
+    scheduler.init_lr = 0.0 if optim.warmup_steps > 0 else optim.lr
+    scheduler.max_lr, scheduler.min_lr = float(optim.lr), float(optim.min_lr)
+    scheduler.lr_warmup_steps, scheduler.lr_decay_steps = optim.warmup_steps, optim.total_steps
+    scheduler.lr_decay_style = optim.lr_decay_style
+    scheduler.start_wd = scheduler.end_wd = optim.weight_decay
+    scheduler.wd_incr_steps = optim.total_steps
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+        if "max_lr" in group:
+            group["max_lr"], group["min_lr"] = float(optim.lr), float(optim.min_lr)
+    scheduler.step(increment=0)  # the current step's lr and weight decay under the new settings

@@ -180,6 +180,8 @@ class Resumer:
             raise CheckpointError(f"rank(s) {failed} could not load {path} (see their messages); stopping",
                                   same_on_every_rank=True)
         if any(key.startswith("optim.") for key, _, _ in plan.overrides):
+            from adapt_pretrain.megatron.optim import apply_optim_config
+
             apply_optim_config(self.cfg.optim, parts.optimizer, parts.scheduler)
         self.events.append(("resume", {"checkpoint": path}))
 
@@ -196,25 +198,6 @@ class Resumer:
             self._say(f"moved {', '.join(newer)} (newer than the resumed checkpoint) to {dest}; not deleted")
 
 
-def apply_optim_config(optim: Any, optimizer: Any, scheduler: Any) -> None:
-    """Make the loaded optimiser and LR schedule follow the current optim.* (after --allow-change).
-
-    Loading restores the checkpoint's schedule (megatron's scheduler and param groups carry their
-    own lr, min_lr, horizon), so the allowed changes are written into them and the LR recomputed.
-    """
-    scheduler.init_lr = 0.0 if optim.warmup_steps > 0 else optim.lr
-    scheduler.max_lr, scheduler.min_lr = float(optim.lr), float(optim.min_lr)
-    scheduler.lr_warmup_steps, scheduler.lr_decay_steps = optim.warmup_steps, optim.total_steps
-    scheduler.lr_decay_style = optim.lr_decay_style
-    scheduler.start_wd = scheduler.end_wd = optim.weight_decay
-    scheduler.wd_incr_steps = optim.total_steps
-    for group in optimizer.param_groups:
-        group["betas"], group["eps"] = tuple(optim.betas), optim.eps
-        if "max_lr" in group:
-            group["max_lr"], group["min_lr"] = float(optim.lr), float(optim.min_lr)
-    scheduler.step(increment=0)  # the current step's lr and weight decay under the new settings
-
-
 def require_sharded(path: str) -> None:
     from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, sharded_dir
 
@@ -224,3 +207,12 @@ def require_sharded(path: str) -> None:
             "this version resumes sharded checkpoints only. Resume it with the version that wrote it, or start a "
             "new run_dir; `adapt-pretrain eval` and `export` still read it if it was written with TP = PP = 1.",
             same_on_every_rank=True)
+
+
+def callback_states(loop: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The callbacks' saved states from a checkpoint's loop.json; one written before callbacks kept flat
+    counters next to the step, which map onto the metrics callback and the non-finite policy."""
+    if "callbacks" in loop:
+        return loop["callbacks"]
+    return {"metrics": {k: loop[k] for k in ("consumed_samples", "tokens", "skipped_steps")},
+            "nonfinite": {"in_row": loop["nonfinite_in_row"], "streak_start": 0}}

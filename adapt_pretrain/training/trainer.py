@@ -21,7 +21,7 @@ from adapt_pretrain.monitor import NullMonitor
 from adapt_pretrain.training.build import build_parts
 from adapt_pretrain.training.callbacks import Callback, CallbackList, RunLog, StepLog, default_callbacks
 from adapt_pretrain.checkpoint import checkpoint_root
-from adapt_pretrain.training.resume import Resumer
+from adapt_pretrain.training.resume import Resumer, callback_states
 
 
 @dataclass
@@ -58,12 +58,6 @@ class RunResult:
         if refresh_s:
             self.anchor_refresh_times.append(refresh_s)
         self.steps_run += 1
-
-
-def legacy_callback_states(loop: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Callback states of a loop.json written before callbacks (flat counters next to the step)."""
-    return {"metrics": {k: loop[k] for k in ("consumed_samples", "tokens", "skipped_steps")},
-            "nonfinite": {"in_row": loop["nonfinite_in_row"], "streak_start": 0}}
 
 
 class Trainer:
@@ -146,7 +140,7 @@ class Trainer:
 
     def load_loop_state_dict(self, loop: dict[str, Any]) -> None:
         self.state = LoopState(step=int(loop["step"]))
-        states = loop["callbacks"] if "callbacks" in loop else legacy_callback_states(loop)
+        states = callback_states(loop)
         self.callbacks.load_state_dicts(states, self.info.rank)
 
     def request_stop(self, reason: str) -> None:
