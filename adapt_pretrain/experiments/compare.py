@@ -29,7 +29,7 @@ from adapt_pretrain.experiments.methods.report import write_report
 from adapt_pretrain.logs import get_logger, log_level
 
 HARNESS_LOGGER = "adapt_pretrain.experiments"
-log = get_logger(__name__)
+log = get_logger(f"{HARNESS_LOGGER}.compare")  # not __name__: that is __main__ under `python -m`
 
 
 class EventFormatter(logging.Formatter):
