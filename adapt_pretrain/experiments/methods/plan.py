@@ -90,12 +90,11 @@ class CompareConfig(Section):
                 raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         if isinstance(self.selection, Mapping):
             self.selection = SelectionConfig.from_dict(self.selection)
-        for m in self.methods:
-            get_preset(m)
-        for m in self.method_overrides:
-            if m not in PRESETS:
-                raise ConfigError(f"method_overrides names unknown method {m!r}{suggest(m, PRESETS)}; "
-                                  f"known: {', '.join(PRESETS)}")
+        for name in ("methods", "method_overrides"):
+            for m in getattr(self, name):
+                if m not in PRESETS:
+                    raise ConfigError(f"{name} names unknown method {m!r}{suggest(m, PRESETS)}; "
+                                      f"known: {', '.join(PRESETS)}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds) \
                 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds={self.seeds} must be non-empty, distinct integers")
@@ -179,7 +178,7 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
                         out_dir: Optional[str] = None, corpus: Optional[list[str]] = None,
                         overrides: tuple[str, ...] = ()) -> CompareConfig:
     """Read, override (`--corpus`, dotted `section.key=value`, methods, seeds, out_dir) and validate a config."""
-    raw = read_config_file(path)
+    raw = read_config_file(path, deepspeed_keys=False)
     check_keys(CompareConfig, raw, CompareConfig.SECTION, f"{path}: ")
     raw = apply_overrides(raw, list(overrides), override_sections())
     if methods:
