@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the config, e.g. run.train.steps=100 eval.max_tokens=4096")
     p.add_argument("--corpus", action="append", default=None,
-                   help="a corpus file or folder (repeatable; replaces prepare.inputs; `demo` = the bundled corpus)")
+                   help="the corpus: a folder of JSONL files, one per domain, or files (repeatable; required unless "
+                        "the config sets prepare.inputs, which it replaces; `demo` = the corpus bundled with the package)")
     p.add_argument("--methods", nargs="*", default=None, help="subset of methods (space or comma separated)")
     p.add_argument("--seeds", nargs="*", default=None, help="seeds (space or comma separated)")
     p.add_argument("--out-dir", default=None, help="override the config's out_dir")

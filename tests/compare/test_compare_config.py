@@ -59,7 +59,7 @@ def test_compare_rules(values, message):
 
 
 def test_unknown_keys_and_overrides_name_the_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"compare.seed \(did you mean compare.seeds\?\)"):
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key.*compare.seed \(did you mean compare.seeds\?\)"):
         load_compare_config(_file(tmp_path, seed=[1]), corpus=["demo"])
     cases = {"selection.fracton=0.5": r"selection.fracton \(did you mean selection.fraction\?\)",
              "evl.docs=3": r"unknown section 'evl' \(did you mean eval\?\)",
@@ -72,3 +72,16 @@ def test_unknown_keys_and_overrides_name_the_closest(tmp_path):
     cfg = load_compare_config(_file(tmp_path), corpus=["demo"],
                               overrides=("selection.fraction=0.5", "eval.extra=[x.jsonl]", "static_mix.weights={a: 1}"))
     assert cfg.selection.fraction == 0.5 and cfg.eval_extra[0].endswith("x.jsonl") and cfg.static_mix["weights"] == {"a": 1}
+
+
+def test_event_lines_prefix_every_line():
+    import logging
+    import re
+
+    from adapt_pretrain.experiments.compare import EventFormatter
+
+    record = logging.LogRecord("adapt_pretrain.experiments.pipeline", logging.ERROR, __file__, 1,
+                               "FAILED %s\n--- tail ---\nTraceback", ("uniform",), None)
+    lines = EventFormatter().format(record).split("\n")
+    assert len(lines) == 3 and all(re.match(r"\[compare \d\d:\d\d:\d\d\] ", line) for line in lines), lines
+    assert lines[0].endswith("] FAILED uniform") and lines[2].endswith("] Traceback")
