@@ -31,7 +31,12 @@ import numpy as np
 from adapt_pretrain.config.base import Section, integer, optional_integer
 
 EVAL_VERSION = 3  # 3: seeded document sample, training's labels (2: budget over all docs, 1: first docs only)
-DEFAULT_OUT = "eval.json"  # in the run dir; compare keeps its evaluations in result.json, never here
+DEFAULT_OUT = "eval.json"  # in the run dir; compare keeps its evaluations in COMPARE_RESULT, never here
+# Run-dir files that `compare` owns (its cached result and the run's config); eval refuses to write
+# them. Named here, where the refusal is, and imported by the experiment harness.
+COMPARE_RESULT = "result.json"
+COMPARE_RUN_CONFIG = "compare_run.yaml"
+COMPARE_FILES = (COMPARE_RESULT, COMPARE_RUN_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -161,10 +166,10 @@ def held_out_sets(data_dir: str, extra: Sequence[str], tokenizer_path: str, sett
     sampled texts of an extra set are tokenised)."""
     from tokenizers import Tokenizer
 
-    from adapt_pretrain.experiments.methods.derive import iter_train_records
+    from adapt_pretrain.data.manifest import iter_split_records
 
     val: dict[str, list[np.ndarray]] = {}
-    for rec, toks in iter_train_records(data_dir, "val"):
+    for rec, toks in iter_split_records(data_dir, "val"):
         val.setdefault(rec["domain"], []).append(toks.astype(np.int64))
     sets = {name: HeldOut([docs[i] for i in sample_documents(len(docs), settings.docs, settings.seed, name)],
                           len(docs), "val") for name, docs in val.items()}
@@ -251,10 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def output_path(run_dir: str, out: str | None) -> str:
     """Where the result goes; refuses compare's per-run cache, which eval must never overwrite."""
-    from adapt_pretrain.experiments.methods.runs import RESULT, RUN_CONFIG
-
     path = out or os.path.join(run_dir, DEFAULT_OUT)
-    if os.path.basename(path) in (RESULT, RUN_CONFIG):
+    if os.path.basename(path) in COMPARE_FILES:
         raise ValueError(f"--out {path}: {os.path.basename(path)} is compare's own file; choose another name")
     return path
 

@@ -5,8 +5,8 @@
 # time), runs `adapt-pretrain compare` on the carried corpora under a time limit and leaves the report,
 # plots, log and the runs' records under $OUT.
 #
-# 1. Here, once (network and the shared corpora needed; about 14 MB, ignored by git):
-#      bash benchmarks/gpu_compare.sh --carry [CORPORA_DIR]      # default ../shared/corpora
+# 1. Here, once (network and the corpus needed; about 14 MB, ignored by git):
+#      bash benchmarks/gpu_compare.sh --carry CORPORA_DIR        # required: a folder of *.jsonl.gz, one per domain
 #    copies CORPORA_DIR/*.jsonl.gz into gpu_carry/corpora/ and downloads the wheels the GPU image lacks
 #    into gpu_carry/wheels/ (benchmarks/gpu_wheels.sh: megatron-core, webdataset, braceexpand for
 #    CPython 3.12 x86-64, the GPU machine's Python).
@@ -32,7 +32,8 @@ MODE=device
 case "${1:-}" in --carry) MODE=carry; shift ;; --smoke) MODE=smoke; shift ;; esac
 
 if [ "$MODE" = carry ]; then
-  src=${1:-../shared/corpora}
+  src=${1:-}
+  [ -n "$src" ] || { echo "gpu_compare: --carry CORPORA_DIR: give the corpora folder (*.jsonl.gz, one file per domain)"; exit 2; }
   compgen -G "$src/*.jsonl.gz" >/dev/null || { echo "gpu_compare: no *.jsonl.gz in '$src': give the corpora folder"; exit 2; }
   rm -rf "$CARRY" && mkdir -p "$CARRY/corpora" && cp "$src"/*.jsonl.gz "$CARRY/corpora/" || exit 2
   bash benchmarks/gpu_wheels.sh download "$CARRY/wheels" || exit 3

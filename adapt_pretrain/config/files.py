@@ -75,8 +75,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: list[str], sections: Mapp
     return out
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """Parse YAML or JSON (by extension; YAML otherwise) into a dict with DeepSpeed keys mapped."""
+def read_config_file(path: str, deepspeed_keys: bool = True) -> dict[str, Any]:
+    """Parse YAML or JSON (by extension; YAML otherwise) into a dict with DeepSpeed keys mapped (unless
+    `deepspeed_keys` is False: files of another layout, such as `compare`'s)."""
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
@@ -89,7 +90,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return map_deepspeed_keys(raw)
+    return map_deepspeed_keys(raw) if deepspeed_keys else raw
 
 
 __all__ = ["apply_overrides", "check_section_name", "parse_override", "read_config_file"]

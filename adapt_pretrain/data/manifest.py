@@ -8,10 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+import numpy as np
 
 from adapt_pretrain.data.config import MANIFEST, DataError
-from adapt_pretrain.data.shardio import read_shard
+from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, sha256_file
 from adapt_pretrain.data.skips import SkipCounter
 
 FORMAT = "adapt-pretrain-shards/1"
@@ -82,6 +84,29 @@ def write_manifest(data_dir: str, raw: dict[str, Any]) -> str:
         json.dump(raw, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
     return path
+
+
+def shard_entry(data_dir: str, shard: ShardFile) -> dict[str, Any]:
+    """The manifest entry of one finished shard (its `name` is relative to `data_dir`): checksum, size, counts."""
+    name = shard.name  # type: ignore[attr-defined]  # set by whoever names the shard in the directory
+    path = os.path.join(data_dir, name)
+    return {"name": name, "sha256": sha256_file(path), "bytes": os.path.getsize(path), "docs": shard.docs,
+            "tokens": shard.tokens, "docs_per_domain": dict(sorted(shard.docs_per_domain.items())),
+            "tokens_per_domain": dict(sorted(shard.tokens_per_domain.items()))}
+
+
+def iter_split_records(data_dir: str, split: str = "train") -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """(JSON record, token ids) of every document of a split, in manifest order (strict: damage raises).
+
+    The records as written, extra keys included (bm25, orig_doc_id): what evaluation and derived data
+    directories read; the loader reads decoded documents through `read_shard` instead."""
+    man = Manifest.load(data_dir)
+    dtype = np.dtype(man.token_dtype).newbyteorder("<")
+    for shard in man.shards(split):
+        with open(os.path.join(data_dir, shard["name"]), "rb") as fh:
+            data = fh.read()
+        for sample in iter_raw_samples(data, shard["name"], SkipCounter(strict=True)):
+            yield json.loads(sample["json"]), np.frombuffer(sample["tokens"], dtype=dtype)
 
 
 def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:

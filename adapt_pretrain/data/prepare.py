@@ -26,11 +26,11 @@ from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.bm25 import BM25Scorer
 from adapt_pretrain.data.config import DataError, PrepareConfig, check_prepare_inputs
 from adapt_pretrain.data.demo import expand_demo_inputs
-from adapt_pretrain.data.manifest import FORMAT, Manifest, split_summary, write_manifest
+from adapt_pretrain.data.manifest import FORMAT, Manifest, shard_entry, split_summary, write_manifest
 from adapt_pretrain.data.pieces import iter_pieces, split_text
 from adapt_pretrain.data.readers import RawDoc, iter_documents
 from adapt_pretrain.data.routing import DocumentRouter
-from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, sha256_file, token_dtype
+from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, token_dtype
 from adapt_pretrain.data.skips import SkipCounter
 from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from adapt_pretrain.data.workers import die_with_parent
@@ -142,14 +142,6 @@ class SplitWriter:
             self.current.close()
             self.done.append(self.current)
             self.current = None
-
-
-def _shard_entry(out_dir: str, sf: ShardFile) -> dict[str, Any]:
-    path = os.path.join(out_dir, sf.name)  # type: ignore[attr-defined]
-    return {"name": sf.name, "sha256": sha256_file(path), "bytes": os.path.getsize(path),  # type: ignore[attr-defined]
-            "docs": sf.docs, "tokens": sf.tokens,
-            "docs_per_domain": dict(sorted(sf.docs_per_domain.items())),
-            "tokens_per_domain": dict(sorted(sf.tokens_per_domain.items()))}
 
 
 # ---- BM25 pass --------------------------------------------------------------------------------
@@ -324,9 +316,9 @@ def prepare(cfg: PrepareConfig) -> str:
                       "eos_id": eos, "eos_token": cfg.eos_token, "trained": cfg.tokenizer is None},
         "token_dtype": dtype,
         "domains": domains,
-        "splits": {s: split_summary([_shard_entry(cfg.out_dir, sf) for sf in w.done]) for s, w in writers.items()},
+        "splits": {s: split_summary([shard_entry(cfg.out_dir, sf) for sf in w.done]) for s, w in writers.items()},
         "anchors": None if anchor_file is None else dict(
-            _shard_entry(cfg.out_dir, anchor_file), doc_ids=[a[0] for a in anchors],
+            shard_entry(cfg.out_dir, anchor_file), doc_ids=[a[0] for a in anchors],
             target_domains=sorted(targets or domains)),
         "bm25": bm25_info,
         "skipped": skips.as_dict(),

@@ -36,9 +36,12 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
     assert busy.returncode == 2 and "another compare is running" in busy.stderr
     proc = run_module(args, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert "\r" not in proc.stdout and all(line.startswith("[compare ") for line in lines), proc.stdout
-    assert sum("] start " in line for line in lines) == 2 and sum("/2] " in line for line in lines) == 2
+    # progress notes on stderr, one prefixed line per event; each run's result on stdout, one line each
+    events = [line for line in proc.stderr.splitlines() if line.startswith("[compare ")]
+    assert "\r" not in proc.stdout + proc.stderr
+    assert sum(line.endswith(" start uniform seed 1") or line.endswith(" start linupper seed 1") for line in events) == 2
+    results = [line for line in proc.stdout.splitlines() if line.startswith(("[1/2] ", "[2/2] "))]
+    assert len(results) == 2 and not any(line.startswith("[compare ") for line in proc.stdout.splitlines()), proc.stdout
     results = {m: json.load(open(tmp_path / "out" / "runs" / f"{m}-s1" / "result.json")) for m in ("uniform", "linupper")}
     walls = [r["train_wall"] for r in results.values()]
     assert max(w[0] for w in walls) < min(w[1] for w in walls), walls  # the two trainings overlapped in time
@@ -54,5 +57,5 @@ def test_jobs_run_at_once_with_line_logs(tmp_path):
     assert est.returncode == 0, est.stderr[-2000:]
     assert "uniform: 4 steps x 64 tokens = 256 tokens" in est.stdout
     assert f"{184320 * 256:.3g} training FLOPs per run" in est.stdout
-    assert "2 finished (0 to re-evaluate), 0 to do" in est.stdout
+    assert "2 finished (0 to re-evaluate), 0 to do" in est.stderr
     assert f"all 2 runs: {2 * 184320 * 256:.3g} training FLOPs = {2 * 184320 * 256 / 1e6:.0f} s at 1e-06 TFLOP/s" in est.stdout

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from adapt_pretrain.data.config import DataConfig, PrepareConfig
-from adapt_pretrain.data.manifest import Manifest, check_counts
+from adapt_pretrain.data.manifest import Manifest, check_counts, iter_split_records
 from adapt_pretrain.data.prepare import prepare
-from adapt_pretrain.experiments.methods.derive import COPY_STRIDE, doc_table, iter_train_records
+from adapt_pretrain.experiments.methods.derive import COPY_STRIDE, doc_table
 from adapt_pretrain.experiments.methods.offline import bm25_scores, build_static_mix, build_topk
 
 
@@ -57,7 +57,7 @@ def test_static_mix_token_shares_and_unique_keys(data_dir, tmp_path):
     assert total >= src_total
     for d, w in weights.items():
         assert abs(per[d] / total - w) < 0.03
-    recs = [r for r, _ in iter_train_records(out)]
+    recs = [r for r, _ in iter_split_records(out)]
     assert len({r["doc_id"] for r in recs}) == len(recs)  # copies got fresh ids
     assert all(r["doc_id"] % COPY_STRIDE == r["orig_doc_id"] for r in recs)
     assert check_counts(out) == []

@@ -10,7 +10,8 @@ from adapt_pretrain.evaluate import domain_averages, read_jsonl_texts
 from adapt_pretrain.experiments.methods import runs as R
 from adapt_pretrain.trained_model import pack_windows
 from adapt_pretrain.experiments.methods.plan import CompareConfig, plan_runs
-from adapt_pretrain.experiments.methods.report import aggregate, markdown_tables, mean_std, update_marked_block
+from adapt_pretrain.experiments.methods.report import (aggregate, loss_curve, markdown_tables, mean_std, metrics_summary,
+                                                       update_marked_block, weight_curves)
 
 
 def test_domain_averages_hand_computed():
@@ -84,9 +85,9 @@ def test_metrics_summary_takes_last_record_per_step(tmp_path):
     lines = [{"step": 0, "scalars": {"loss": 5.0, "adapt/groups": 3}}, {"step": 1, "scalars": {"loss": 4.0, "adapt/groups": 4}},
              {"step": 1, "scalars": {"loss": 4.5, "adapt/groups": 4}}, {"event": "x"}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
-    s = R.metrics_summary(str(tmp_path))
+    s = metrics_summary(str(tmp_path))
     assert s["steps_logged"] == 2 and s["groups"] == 7 and s["final_loss"] == 4.5
-    assert R.loss_curve(str(tmp_path)) == ([0, 1], [5.0, 4.5])
+    assert loss_curve(str(tmp_path)) == ([0, 1], [5.0, 4.5])
 
 
 def test_aggregate_mean_std_and_markdown(tmp_path):
@@ -121,7 +122,7 @@ def test_weight_curves_and_their_plot(tmp_path):
                                      "domain/b/token_share": 0.5, "domain/b/weighted_share": 0.5 - 0.1 * s,
                                      "domain/c/token_share": 0.0}} for s in range(3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    w = R.weight_curves(str(tmp_path))
+    w = weight_curves(str(tmp_path))
     assert set(w) == {"a", "b"} and w["a"][0] == [0, 1, 2]  # a domain absent from the batches has no curve
     np.testing.assert_allclose(w["a"][1], [1.0, 1.2, 1.4])
     np.testing.assert_allclose(w["b"][1], [1.0, 0.8, 0.6])

@@ -39,3 +39,6 @@ def test_gpu_compare_carry_needs_the_corpora(tmp_path):
     proc = subprocess.run(["bash", "benchmarks/gpu_compare.sh", "--carry", str(tmp_path / "nowhere")], cwd=REPO,
                           capture_output=True, text=True, timeout=60, env=child_env(CARRY=str(tmp_path / "carry")))
     assert proc.returncode == 2 and "give the corpora folder" in proc.stdout
+    bare = subprocess.run(["bash", "benchmarks/gpu_compare.sh", "--carry"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=child_env(CARRY=str(tmp_path / "carry")))
+    assert bare.returncode == 2 and "give the corpora folder" in bare.stdout  # no default machine path

@@ -98,8 +98,8 @@ def test_config_paths_relative_to_cwd_and_fingerprints_by_corpus_name(tmp_path, 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="--corpus"):
         load_compare_config(str(cfg_file))
-    here = load_compare_config(str(cfg_file), corpus=["../shared/corpora"])
-    assert here.prepare["inputs"] == [str(tmp_path.parent / "shared" / "corpora")]
+    here = load_compare_config(str(cfg_file), corpus=["../beside/corpora"])
+    assert here.prepare["inputs"] == [str(tmp_path.parent / "beside" / "corpora")]
     assert here.out_dir == str(tmp_path / "out") and here.eval_extra == [str(tmp_path / "x.jsonl")]
     moved = load_compare_config(str(cfg_file), corpus=["/elsewhere/corpora"])
     assert plan_runs(here)[0].fingerprint == plan_runs(moved)[0].fingerprint  # same corpus, another place
@@ -110,3 +110,18 @@ def test_config_paths_relative_to_cwd_and_fingerprints_by_corpus_name(tmp_path, 
     assert demo.eval_settings.docs == 3
     with pytest.raises(ConfigError, match="eval.docs"):
         load_compare_config(str(cfg_file), corpus=["demo"], overrides=("eval.docs=0",))
+
+
+@pytest.mark.parametrize("name", ["compare-cpu.yaml", "compare-gpu.yaml"])
+def test_shipped_configs_load_and_need_a_corpus(name, tmp_path):
+    from adapt_pretrain.config import ConfigError
+    from adapt_pretrain.experiments.methods.plan import load_compare_config
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch",
+                        "configs", name)
+    with open(path, encoding="utf-8") as fh:
+        assert "shared/" not in fh.read()  # no machine's path in a shipped config
+    with pytest.raises(ConfigError, match="--corpus DIR"):
+        load_compare_config(path, out_dir=str(tmp_path))
+    cfg = load_compare_config(path, out_dir=str(tmp_path), corpus=["demo"])
+    assert cfg.prepare["inputs"] and len(plan_runs(cfg)) == len(cfg.methods) * len(cfg.seeds)

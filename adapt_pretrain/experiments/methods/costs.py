@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from adapt_pretrain.experiments.methods.presets import MethodPreset
+from adapt_pretrain.experiments.methods.plan import CompareConfig, RunSpec, tokens_per_step
+from adapt_pretrain.experiments.methods.presets import MethodPreset, get_preset
 from adapt_pretrain.flops import ModelShape, forward_flops_per_token, matmul_params, training_flops
 
 
@@ -90,3 +91,33 @@ def run_flops(preset: MethodPreset, shape: ModelShape, tokens: int, steps: int, 
     if "adapt.policy=linupper" in overrides:
         report.online_scoring = 2 * tokens
     return report
+
+
+def estimate(cfg: CompareConfig, specs: list[RunSpec], todo: list[RunSpec], tflops: float) -> list[str]:
+    """Size of the plan in the harness's FLOPs accounting: tokens, passes and training FLOPs per run,
+    and the training time of all runs (and of those still to do) at `tflops` TFLOP/s."""
+    from adapt_pretrain.config import RunConfig
+    from adapt_pretrain.data.manifest import Manifest
+
+    full = int(Manifest.load(cfg.data_dir).raw["splits"]["train"]["tokens"])
+    lines, flops_of = [], {}
+    for spec in specs:
+        raw = {**spec.config, "data": {**spec.config["data"], "data_dir": cfg.data_dir}}  # variants may not exist yet
+        rc = RunConfig.from_dict(raw)
+        steps, per_step = tokens_per_step(raw)
+        shape = ModelShape.from_model_config(rc.model)
+        flops_of[spec.run_dir] = training_flops(shape, steps * per_step)
+        if not lines:
+            lines.append(f"model: {matmul_params(shape):,} matmul parameters (output layer included), "
+                         f"{rc.model.vocab_size * rc.model.hidden_size:,} in the token embedding; "
+                         f"training split: {full:,} tokens")
+        if spec.seed == specs[0].seed:  # one line per method
+            variant = get_preset(spec.method).data_variant
+            data_tokens = full * (cfg.selection.fraction if variant and variant.startswith("topk-") else 1.0)
+            lines.append(f"{spec.method}: {steps} steps x {per_step:,} tokens = {steps * per_step:,} tokens "
+                         f"({steps * per_step / data_tokens:.1f} passes over its training data), "
+                         f"{flops_of[spec.run_dir]:.3g} training FLOPs per run")
+    total, rest = sum(flops_of.values()), sum(flops_of[s.run_dir] for s in todo)
+    lines.append(f"all {len(specs)} runs: {total:.3g} training FLOPs = {total / (tflops * 1e12):.0f} s at {tflops:g} TFLOP/s "
+                 f"({len(todo)} to do: {rest / (tflops * 1e12):.0f} s), not counting start-up, scoring and evaluation")
+    return lines

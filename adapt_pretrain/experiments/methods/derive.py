@@ -13,14 +13,12 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from adapt_pretrain.data.manifest import Manifest, split_summary, write_manifest
+from adapt_pretrain.data.manifest import MANIFEST, Manifest, iter_split_records, shard_entry, split_summary, write_manifest
 from adapt_pretrain.data.prepare import SplitWriter
-from adapt_pretrain.data.shardio import iter_raw_samples, sha256_file
-from adapt_pretrain.data.skips import SkipCounter
 
 DONE = "derived.json"
 COPY_STRIDE = 10 ** 8  # copy k of document d gets id d + k * COPY_STRIDE (prepare ids stay far below it)
@@ -36,27 +34,14 @@ class DocInfo:
     bm25: float
 
 
-def iter_train_records(data_dir: str, split: str = "train") -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """(JSON record, token ids) of every document of a split, in manifest order (strict: damage raises)."""
-    man = Manifest.load(data_dir)
-    dtype = np.dtype(man.token_dtype).newbyteorder("<")
-    for shard in man.shards(split):
-        path = os.path.join(data_dir, shard["name"])
-        with open(path, "rb") as fh:
-            data = fh.read()
-        for sample in iter_raw_samples(data, shard["name"], SkipCounter(strict=True)):
-            rec = json.loads(sample["json"])
-            yield rec, np.frombuffer(sample["tokens"], dtype=dtype)
-
-
 def doc_table(data_dir: str, split: str = "train") -> list[DocInfo]:
     """One DocInfo per document of `split` (bm25 is 0.0 when the shards carry no score)."""
     return [DocInfo(int(r["doc_id"]), str(r["domain"]), int(r["n_tokens"]), float(r.get("bm25", 0.0)))
-            for r, _ in iter_train_records(data_dir, split)]
+            for r, _ in iter_split_records(data_dir, split)]
 
 
 def is_derived(out_dir: str) -> bool:
-    return os.path.isfile(os.path.join(out_dir, DONE)) and os.path.isfile(os.path.join(out_dir, "manifest.json"))
+    return os.path.isfile(os.path.join(out_dir, DONE)) and os.path.isfile(os.path.join(out_dir, MANIFEST))
 
 
 def write_derived(src_dir: str, out_dir: str, counts: Mapping[int, int], seed: int, info: Mapping[str, Any],
@@ -73,7 +58,7 @@ def write_derived(src_dir: str, out_dir: str, counts: Mapping[int, int], seed: i
     os.makedirs(out_dir)
     copies: list[tuple[int, int]] = []  # (doc index in read order, copy number)
     records: list[tuple[dict[str, Any], np.ndarray]] = []
-    for rec, toks in iter_train_records(src_dir):
+    for rec, toks in iter_split_records(src_dir):
         n = int(counts.get(int(rec["doc_id"]), 0))
         if n < 0:
             raise ValueError(f"negative repeat count for document {rec['doc_id']}")
@@ -94,7 +79,7 @@ def write_derived(src_dir: str, out_dir: str, counts: Mapping[int, int], seed: i
         new_rec["orig_doc_id"] = orig
         writer.write(orig + k * COPY_STRIDE, toks, new_rec)
     writer.close()
-    entries = [_entry(out_dir, sf) for sf in writer.done]
+    entries = [shard_entry(out_dir, sf) for sf in writer.done]
     for name in ("tokenizer.json", "anchors.tar", "val"):
         path = os.path.join(src_dir, name)
         if os.path.isdir(path):
@@ -110,9 +95,3 @@ def write_derived(src_dir: str, out_dir: str, counts: Mapping[int, int], seed: i
         json.dump(raw["derived"], fh, indent=1, sort_keys=True)
     return out_dir
 
-
-def _entry(out_dir: str, sf: Any) -> dict[str, Any]:
-    path = os.path.join(out_dir, sf.name)
-    return {"name": sf.name, "sha256": sha256_file(path), "bytes": os.path.getsize(path), "docs": sf.docs,
-            "tokens": sf.tokens, "docs_per_domain": dict(sorted(sf.docs_per_domain.items())),
-            "tokens_per_domain": dict(sorted(sf.tokens_per_domain.items()))}

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from adapt_pretrain.experiments.methods.derive import DONE, doc_table, is_derived, iter_train_records, write_derived
+from adapt_pretrain.data.manifest import iter_split_records
+from adapt_pretrain.experiments.methods.derive import DONE, doc_table, is_derived, write_derived
 from adapt_pretrain.experiments.methods.mixing import plan_mixture
 from adapt_pretrain.experiments.methods.selection import centroid_scores, select_top_fraction
 
@@ -68,7 +69,7 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
     model = load_run_model(run_dir)
     anchors = [d.tokens for d in load_anchor_docs(data_dir)][:num_anchors]
     ids, toks, docs = [], [], []
-    for rec, arr in iter_train_records(data_dir):
+    for rec, arr in iter_split_records(data_dir):
         ids.append(int(rec["doc_id"]))
         toks.append(int(rec["n_tokens"]))
         docs.append(arr.astype(np.int64))
@@ -83,11 +84,12 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m adapt_pretrain.experiments.methods.offline",
                                 description="score training documents with a proxy run's embeddings")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--num-anchors", type=int, default=None)
+    p.add_argument("--run", required=True, help="the proxy run's directory (its final checkpoint is loaded)")
+    p.add_argument("--data", required=True, help="prepared data directory whose training documents are scored")
+    p.add_argument("--num-anchors", type=int, default=None,
+                   help="anchor documents the centroid is built from (default: every anchor of the data dir)")
     p.add_argument("--prefix", type=int, default=None, help="embed only the first N tokens of each document")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="JSON file to write: doc_ids, scores, tokens, embed_tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for a log file)")
     args = p.parse_args(argv)
     result = embed_scores(args.run, args.data, args.num_anchors, args.prefix, progress=not args.no_progress)

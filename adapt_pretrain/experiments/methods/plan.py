@@ -1,15 +1,16 @@
 """The comparison's config (`adapt-pretrain compare --config FILE`) and the runs it implies.
 
 One YAML file: where results go, how to prepare the corpus, the RunConfig sections every run
-shares, the methods and seeds, the offline methods' settings and the evaluation's. Validated at
-load so a typo fails before the hour-long run starts.
+shares, the methods and seeds, the offline methods' settings and the evaluation's. Its sections are
+declared with the rules of `adapt_pretrain.config.base` and read with the overrides of
+`adapt_pretrain.config.files`, as a run config is: a typo fails at load (naming the closest known
+key), before the hour-long run starts.
 
 Paths: relative paths in the file (out_dir, prepare.inputs, eval.extra) are taken from the current
 directory, as every other command line path is (the shipped configs assume the repository root).
-`prepare.inputs: demo` is the corpus bundled with the package. The corpus can instead be given on
-the command line (`--corpus`), which replaces `prepare.inputs`: the shared corpora live outside the
-repository, wherever a machine keeps them. A run's fingerprint records the corpus by file name, not
-by location, so the same corpus at another path keeps finished runs valid.
+The corpus is a required input: `prepare.inputs` in the file or `--corpus` on the command line
+(which replaces it); `demo` is the corpus bundled with the package. A run's fingerprint records the
+corpus by file name, not by location, so the same corpus at another path keeps finished runs valid.
 """
 from __future__ import annotations
 
@@ -18,72 +19,95 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
-
-import yaml
+from typing import Any, ClassVar, Mapping, Optional
 
 from adapt_pretrain.config import ConfigError
+from adapt_pretrain.config.base import Section, check_keys, integer, number, optional_integer, suggest, text, texts
+from adapt_pretrain.config.derive import DEMO_INPUTS
+from adapt_pretrain.config.files import apply_overrides, read_config_file
 from adapt_pretrain.evaluate import EvalSettings
 from adapt_pretrain.experiments.methods.presets import PRESETS, MethodPreset, get_preset
 
-DEMO_INPUTS = "demo"  # `prepare.inputs: demo`: the corpus bundled with the package
+CORPUS_HINT = ("pass --corpus DIR (a folder of JSONL files per domain; `demo` = the corpus bundled with the "
+               "package) or set prepare.inputs in the config")
 
 
 @dataclass
-class SelectionConfig:
+class SelectionConfig(Section):
     """Offline top-k: keep `fraction` of the training tokens; the embed variant scores with a proxy
-    model trained for `proxy_steps` uniform steps (seed `proxy_seed`)."""
+    model trained for `proxy_steps` uniform steps (seed `proxy_seed`), embedding the first
+    `embed_prefix` tokens of each document (None: seq_len)."""
 
-    fraction: float = 0.25
-    proxy_steps: int = 100
-    proxy_seed: int = 0
-    embed_prefix: Optional[int] = None  # tokens of each document the proxy embeds (None: seq_len)
+    SECTION = "selection"
 
-    def __post_init__(self) -> None:
-        if not 0.0 < float(self.fraction) <= 1.0:
-            raise ConfigError(f"selection.fraction={self.fraction} must be in (0, 1]")
-        if int(self.proxy_steps) < 1:
-            raise ConfigError("selection.proxy_steps must be >= 1")
+    fraction: float = number(0.25, above=0.0, maximum=1.0)
+    proxy_steps: int = integer(100, minimum=1)
+    proxy_seed: int = integer(0, minimum=0)
+    embed_prefix: Optional[int] = optional_integer(None, minimum=1)
 
 
 @dataclass
-class CompareConfig:
+class StaticMixConfig(Section):
+    """The static mix's domain weights ({domain: weight}; normalised when the data is built)."""
+
+    SECTION = "static_mix"
+
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompareEvalConfig(EvalSettings):
+    """The `eval:` section: EvalSettings plus `extra`, JSONL sets evaluated besides the validation split."""
+
+    extra: list[str] = texts(default_factory=list)
+
+
+@dataclass
+class CompareConfig(Section):
     """out_dir: everything the comparison writes (data, runs, results); prepare: PrepareConfig fields
     (out_dir is <out_dir>/data; bm25 is forced on, two methods need it); run: RunConfig sections
     shared by all runs; method_overrides: extra dotted overrides per method; static_mix: {weights};
-    eval: EvalSettings keys plus `extra` (JSONL sets evaluated besides the validation split)."""
+    eval: EvalSettings keys plus `extra`. prepare, run, static_mix and eval stay raw mappings (they
+    are passed on as written, and fingerprint the runs); their keys are checked here."""
 
-    out_dir: str
-    prepare: dict[str, Any]
-    run: dict[str, Any]
-    methods: list[str] = field(default_factory=lambda: list(PRESETS))
+    SECTION = "compare"
+    MAPPINGS: ClassVar[tuple[str, ...]] = ("prepare", "run", "method_overrides", "static_mix", "eval")
+
+    out_dir: str = text(non_empty=True, hint="the folder for the data, runs and results")
+    prepare: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    methods: list[str] = texts(default_factory=lambda: list(PRESETS), non_empty=True, split_commas=True)
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     method_overrides: dict[str, list[str]] = field(default_factory=dict)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     static_mix: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
-    data_seed: int = 0
+    data_seed: int = integer(0, minimum=0)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
+        for name in self.MAPPINGS:
+            if not isinstance(getattr(self, name), Mapping):
+                raise ConfigError(f"{name} must be a mapping, got {getattr(self, name)!r}")
         if isinstance(self.selection, Mapping):
-            self.selection = SelectionConfig(**self.selection)
-        for m in self.methods:
-            get_preset(m)
-        unknown = sorted(set(self.method_overrides) - set(PRESETS))
-        if unknown:
-            raise ConfigError(f"method_overrides names unknown method(s) {unknown}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds={self.seeds} must be non-empty and distinct")
-        if "static-mix" in self.methods and not (self.static_mix or {}).get("weights"):
+            self.selection = SelectionConfig.from_dict(self.selection)
+        for name in ("methods", "method_overrides"):
+            for m in getattr(self, name):
+                if m not in PRESETS:
+                    raise ConfigError(f"{name} names unknown method {m!r}{suggest(m, PRESETS)}; "
+                                      f"known: {', '.join(PRESETS)}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds) \
+                or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds={self.seeds} must be non-empty, distinct integers")
+        check_keys(StaticMixConfig, self.static_mix, "static_mix")
+        if "static-mix" in self.methods and not self.static_mix.get("weights"):
             raise ConfigError("method static-mix needs static_mix.weights: {domain: weight, ...}")
         for key in ("run_dir", "seed"):
             if key in (self.run.get("train") or {}):
                 raise ConfigError(f"run.train.{key} is set per run by compare; remove it")
         if (self.run.get("data") or {}).get("data_dir"):
             raise ConfigError("run.data.data_dir is set per run by compare; remove it")
-        if not isinstance(self.eval, Mapping):
-            raise ConfigError(f"eval must be a mapping (EvalSettings keys and extra), got {self.eval!r}")
-        self.eval_settings  # noqa: B018  (validates now, not after training)
+        check_keys(_prepare_class(), self.prepare, "prepare")
+        CompareEvalConfig.from_dict(self.eval)  # validates now, not after training
 
     @property
     def eval_settings(self) -> EvalSettings:
@@ -116,6 +140,20 @@ class CompareConfig:
         return info
 
 
+def _prepare_class() -> type:
+    from adapt_pretrain.data.config import PrepareConfig
+
+    return PrepareConfig
+
+
+def override_sections() -> dict[str, type]:
+    """The sections a dotted override may name (section -> the class whose fields are its keys)."""
+    from adapt_pretrain.config import RunConfig
+
+    return {"prepare": _prepare_class(), "run": RunConfig, "selection": SelectionConfig,
+            "static_mix": StaticMixConfig, "eval": CompareEvalConfig}
+
+
 def prepare_identity(prepare: Mapping[str, Any]) -> dict[str, Any]:
     """The prepare settings as a fingerprint sees them: inputs by file or folder name, not location."""
     inputs = prepare.get("inputs") or []
@@ -132,35 +170,17 @@ def resolve_inputs(inputs: Any) -> list[str]:
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs:
-        raise ConfigError("prepare.inputs is missing: name the corpus files or folders in the config, or pass "
-                          "--corpus PATH (on the development machines: ../shared/corpora beside the repository)")
+        raise ConfigError(f"prepare.inputs is not set (the corpus is a required input): {CORPUS_HINT}")
     return [os.path.abspath(str(p)) for p in inputs]
 
 
 def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: Optional[list[int]] = None,
                         out_dir: Optional[str] = None, corpus: Optional[list[str]] = None,
                         overrides: tuple[str, ...] = ()) -> CompareConfig:
-    """Read, override (`--corpus`, dotted `key.sub=value`, methods, seeds, out_dir) and validate a config."""
-    from adapt_pretrain.config import parse_override
-
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    known = set(CompareConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(known)}")
-    for text in overrides:
-        parts, value = parse_override(text)
-        if parts[0] not in known:
-            raise ConfigError(f"override {text!r}: unknown key {parts[0]!r}; known: {sorted(known)}")
-        node = raw.setdefault(parts[0], {})
-        for key in parts[1:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {key} is not a mapping")
-        node[parts[-1]] = value
+    """Read, override (`--corpus`, dotted `section.key=value`, methods, seeds, out_dir) and validate a config."""
+    raw = read_config_file(path, deepspeed_keys=False)
+    check_keys(CompareConfig, raw, CompareConfig.SECTION, f"{path}: ")
+    raw = apply_overrides(raw, list(overrides), override_sections())
     if methods:
         raw["methods"] = methods
     if seeds:
@@ -168,7 +188,7 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
     if out_dir:
         raw["out_dir"] = out_dir
     for key in ("out_dir", "prepare", "run"):
-        if key not in raw:
+        if raw.get(key) is None:
             raise ConfigError(f"{path}: missing required key {key!r}")
     if corpus:
         raw["prepare"]["inputs"] = list(corpus)
@@ -177,7 +197,18 @@ def load_compare_config(path: str, methods: Optional[list[str]] = None, seeds: O
     raw["out_dir"] = os.path.abspath(str(raw["out_dir"]))
     if (raw.get("eval") or {}).get("extra"):
         raw["eval"]["extra"] = [os.path.abspath(str(p)) for p in raw["eval"]["extra"]]
-    return CompareConfig(**raw)
+    return CompareConfig.from_dict(raw)
+
+
+def tokens_per_step(config: Mapping[str, Any]) -> tuple[int, int]:
+    """(steps, training tokens per step) of a raw run config; every run is one process here, so the
+    layout's data-parallel size is what the model-parallel dimensions leave of that one rank's world."""
+    from adapt_pretrain.config import RunConfig
+    from adapt_pretrain.layout import Layout
+
+    rc = RunConfig.from_dict(dict(config))
+    layout = Layout.plan(rc.parallel, rc.train, rc.parallel.tensor * rc.parallel.pipeline)
+    return rc.train.steps, layout.global_batch_size * rc.model.seq_len
 
 
 @dataclass(frozen=True)
@@ -201,8 +232,6 @@ class RunSpec:
 def run_config(cfg: CompareConfig, preset: MethodPreset, seed: int, data_dir: str, run_dir: str,
                extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw RunConfig dict of one run: shared sections + preset + per-method overrides + identity."""
-    from adapt_pretrain.config import apply_overrides
-
     overrides = preset.run_overrides(seed, run_dir, data_dir, (*cfg.method_overrides.get(preset.name, ()), *extra))
     # training output goes to a log file: a progress bar there is one endless line of redraws
     return apply_overrides(copy.deepcopy(cfg.run), [*overrides, "train.progress_bar=false"])

@@ -1,4 +1,5 @@
-"""Comparison results -> markdown tables (mean and std over seeds) and PNG plots.
+"""Comparison results -> markdown tables (mean and std over seeds) and PNG plots, and what a run's
+metrics.jsonl says about it (final losses, token groups, the weights' curriculum).
 
 Numbers are per-domain held-out losses (nats/token, lower is better) from each run's eval; the
 spread is the sample standard deviation over seeds (ddof=1; 0 with one seed). Overheads are each
@@ -10,9 +11,14 @@ import math
 import os
 import re
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from adapt_pretrain.data.manifest import MANIFEST, Manifest
+from adapt_pretrain.experiments.methods import runs as R
+from adapt_pretrain.experiments.methods.plan import CompareConfig, RunSpec, tokens_per_step
+from adapt_pretrain.experiments.methods.presets import get_preset
 
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -255,3 +261,119 @@ def update_marked_block(path: str, block: str, title: str = "# Results") -> None
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def _scalars_by_step(run_dir: str) -> dict[int, dict[str, float]]:
+    """step -> scalars of the last record of that step in the run's metrics.jsonl (empty if none)."""
+    from adapt_pretrain.monitor.monitor import read_metrics
+
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return {}
+    steps, _ = read_metrics(run_dir)
+    return {s: line["scalars"] for s, line in steps.items() if isinstance(line.get("scalars"), dict)}
+
+
+def metrics_summary(run_dir: str) -> dict[str, float]:
+    """Steps, summed token groups and final losses from the run's metrics.jsonl (last record per step)."""
+    per_step = _scalars_by_step(run_dir)
+    steps = sorted(per_step)
+    groups = sum(float(per_step[s].get("adapt/groups", 0.0)) for s in steps)
+    last = per_step[steps[-1]] if steps else {}
+
+    def mean_of(key: str) -> float:
+        values = [float(per_step[s][key]) for s in steps if key in per_step[s]]
+        return float(sum(values) / len(values)) if values else float("nan")
+
+    return {"steps_logged": len(steps), "groups": groups, "final_loss": float(last.get("loss", float("nan"))),
+            "final_loss_unweighted": float(last.get("loss/mean", last.get("loss", float("nan")))),
+            "weight_std_mean": mean_of("adapt/weight_std"), "ess_frac_mean": mean_of("adapt/ess_frac"),
+            "domain_weight": domain_weights(per_step)}
+
+
+def domain_shares(scalars: dict[str, float]) -> Iterator[tuple[str, float, float]]:
+    """(domain, token share, weighted share) of one step's monitor scalars, for domains present in it;
+    weighted share / token share is the domain's mean weight relative to the step's mean weight (a run
+    without weights logs no weighted share: 1)."""
+    for key, share in scalars.items():
+        if key.startswith("domain/") and key.endswith("/token_share") and share > 0:
+            d = key[len("domain/"):-len("/token_share")]
+            yield d, float(share), float(scalars.get(f"domain/{d}/weighted_share", share))
+
+
+def domain_weights(per_step: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Each domain's token-weighted mean weight over the run, relative to the run's mean weight (1 = uniform)."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for sc in per_step.values():
+        for d, share, weighted in domain_shares(sc):
+            num[d] = num.get(d, 0.0) + weighted
+            den[d] = den.get(d, 0.0) + share
+    return {d: num[d] / den[d] for d in sorted(num) if den[d] > 0}
+
+
+def weight_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """domain -> (steps, the domain's mean token weight relative to the step's mean weight): the weight
+    curriculum of an online method, step by step."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for step, sc in sorted(_scalars_by_step(run_dir).items()):
+        for d, share, weighted in domain_shares(sc):
+            steps, values = out.setdefault(d, ([], []))
+            steps.append(step)
+            values.append(weighted / share)
+    return out
+
+
+def loss_curve(run_dir: str, key: str = "loss/mean") -> tuple[list[int], list[float]]:
+    """(steps, values) of one scalar from metrics.jsonl (falls back to `loss`)."""
+    per_step = {s: sc.get(key, sc.get("loss")) for s, sc in _scalars_by_step(run_dir).items()}
+    steps = sorted(s for s, v in per_step.items() if v is not None)
+    return steps, [float(per_step[s]) for s in steps]
+
+
+def write_report(cfg: CompareConfig, specs: list[RunSpec], report: str, plots_dir: str) -> list[str]:
+    """Update the marked block of `report` with the tables of the finished runs and write the plots;
+    returns the plot paths."""
+    results = [r for r in (R.cached_result(s) for s in specs) if r is not None]
+    agg = aggregate(results)
+    curves: dict[str, list] = {}
+    weights: dict[str, dict] = {}
+    for s in specs:
+        if R.cached_result(s) is not None:
+            curves.setdefault(s.method, []).append(loss_curve(s.run_dir))
+            if s.method not in weights and s.config.get("adapt", {}).get("enabled"):
+                weights[s.method] = weight_curves(s.run_dir)  # the first finished seed
+    paths = plot_all(agg, cfg.methods, curves, plots_dir, weights=weights)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(report)))  # noqa: E731
+    done, total = len(results), len(specs)
+    steps, per_step = tokens_per_step(specs[0].config)
+    block = (f"_Generated by `adapt-pretrain compare` from {done}/{total} finished runs "
+             f"({len(cfg.methods)} methods x seeds {cfg.seeds}); every run trains {steps} steps x {per_step} tokens "
+             f"= {steps * per_step:,} tokens._\n\n" + markdown_tables(agg, cfg.methods) + "\n"
+             + "\n".join(f"![{os.path.basename(p)}]({rel(p)})" for p in paths) + "\n")
+    update_marked_block(report, block + data_table(cfg, steps * per_step))
+    return paths
+
+
+def data_table(cfg: CompareConfig, budget: int) -> str:
+    """Token share per domain of the full training split and of each derived one, and how often a
+    run at `budget` tokens passes over each (top-k subsets repeat, the full data does not)."""
+    dirs = {"full (uniform, adapt*, linupper)": cfg.data_dir}
+    for m in cfg.methods:
+        variant = get_preset(m).data_variant
+        if variant and os.path.isfile(os.path.join(cfg.variant_dir(variant), MANIFEST)):
+            dirs[variant] = cfg.variant_dir(variant)
+    shares: dict[str, dict[str, float]] = {}
+    passes: dict[str, float] = {}
+    for name, path in dirs.items():
+        man = Manifest.load(path)
+        per = man.raw["splits"]["train"]["tokens_per_domain"]
+        total = sum(per.values())
+        shares[name] = {d: n / total for d, n in per.items()}
+        passes[name] = budget / total
+    domains = sorted({d for v in shares.values() for d in v})
+    lines = ["", "Training data of each run (token share per domain, %; passes = training tokens / tokens in the set):", "",
+             "| domain | " + " | ".join(dirs) + " |", "|---|" + "---|" * len(dirs)]
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(f"{100 * shares[n].get(d, 0.0):.1f}" for n in dirs) + " |")
+    lines.append("| passes | " + " | ".join(f"{passes[n]:.2f}" for n in dirs) + " |")
+    return "\n".join(lines) + "\n"
