@@ -80,16 +80,20 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
     return {"doc_ids": ids, "scores": [float(s) for s in scores], "tokens": toks, "embed_tokens": int(seen)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapt_pretrain.experiments.methods.offline",
                                 description="score training documents with a proxy run's embeddings")
-    p.add_argument("--run", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--num-anchors", type=int, default=None)
+    p.add_argument("--run", required=True, help="run directory of the proxy model whose embeddings score")
+    p.add_argument("--data", required=True, help="prepared data directory whose training documents are scored")
+    p.add_argument("--num-anchors", type=int, default=None, help="anchors for the centroid (default: all)")
     p.add_argument("--prefix", type=int, default=None, help="embed only the first N tokens of each document")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="JSON file for the scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for a log file)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = embed_scores(args.run, args.data, args.num_anchors, args.prefix, progress=not args.no_progress)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
