@@ -50,7 +50,10 @@ def _micro_batches(data_dir: str) -> tuple[list, list]:
     for rank in range(WORLD):
         stream = iter(DataStream(DataConfig(data_dir=data_dir, seq_len=_runs.SEQ, micro_batch_size=_runs.MICRO,
                                             num_workers=0), dp_rank=rank, dp_size=WORLD))
-        steps.append([[next(stream) for _ in range(_runs.GAS)] for _ in range(STEPS)])
+        rank_steps = [[next(stream) for _ in range(_runs.GAS)] for _ in range(STEPS)]
+        for micro_batches in rank_steps:  # some positions carry no loss (loss-carrying tokens < batch x seq_len)
+            micro_batches[0]["loss_mask"][:, -1] = 0
+        steps.append(rank_steps)
         anchors.append(anchor_batches(data_dir, _runs.SEQ, _runs.MICRO, rank, WORLD,
                                       num_anchors=_runs.ADAPT["num_anchors"]))
     return steps, anchors
@@ -164,6 +167,7 @@ def test_step_metrics_use_the_trainers_keys_and_throughput(runs):
     sequences = WORLD * _runs.GAS * _runs.MICRO
     positions = sequences * _runs.SEQ
     masked = sum(float(b["loss_mask"].sum()) for step in runs["global_steps"] for b in step)
+    assert masked < STEPS * positions  # so that throughput over loss-carrying tokens would fail below
     for stage in STAGES:
         for out in runs["adapt"][stage]:
             m, seconds = out["metrics"], out["step_time_s"]
