@@ -266,9 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     from adapt_pretrain.megatron.parallel import PortInUseError
 
     args = build_parser().parse_args(argv)
-    from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
+    from adapt_pretrain.logs import quiet_known_warnings  # megatron's expected Apex/TE notices
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     dirs = [d for d in args.data if os.path.isdir(d)]
     files = [f for f in args.data if not os.path.isdir(f)]
     missing = [f for f in files if not os.path.isfile(f)]

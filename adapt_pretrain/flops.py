@@ -18,7 +18,7 @@ guessed peak).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s per device, from the vendors' data sheets, matched
 # against the device name (first match wins: specific names before their families).
@@ -50,6 +50,29 @@ class ModelShape:
     def from_model_config(cls, model) -> "ModelShape":
         return cls(model.vocab_size, model.seq_len, model.hidden_size, model.num_layers, model.num_attention_heads,
                    model.ffn_hidden_size, model.num_query_groups, getattr(model, "activation", "gelu") == "swiglu")
+
+
+# Fields a Hugging Face model config needs for a ModelShape; without any of them no FLOPs are counted.
+HF_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+# Mixture-of-experts configs: the dense formula would overcount; no FLOPs for them.
+HF_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def shape_from_hf_config(config: Any, seq_len: int) -> Optional[ModelShape]:
+    """The ModelShape of a Hugging Face causal LM's config (`model.config`) at `seq_len`, or None when
+    the config lacks a field of HF_SHAPE_FIELDS or is a mixture of experts (then report tokens/s
+    only, never a guessed TFLOP/s). `hidden_act: silu` is a Llama-style gated MLP (SwiGLU: three
+    h x ffn matrices); `num_key_value_heads` gives grouped-query attention."""
+    values = {name: getattr(config, name, None) for name in HF_SHAPE_FIELDS}
+    if any(not isinstance(v, int) or v <= 0 for v in values.values()):
+        return None
+    if any(getattr(config, name, None) for name in HF_EXPERT_FIELDS):
+        return None
+    return ModelShape(vocab_size=values["vocab_size"], seq_len=int(seq_len), hidden_size=values["hidden_size"],
+                      num_layers=values["num_hidden_layers"], num_attention_heads=values["num_attention_heads"],
+                      ffn_hidden_size=values["intermediate_size"],
+                      num_query_groups=getattr(config, "num_key_value_heads", None),
+                      swiglu=getattr(config, "hidden_act", None) in ("silu", "swish"))
 
 
 def matmul_params(shape: ModelShape) -> int:

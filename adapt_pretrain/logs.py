@@ -49,6 +49,16 @@ def setup_logging(rank: int | None = None) -> logging.Logger:
     return logger
 
 
+def quiet_known_warnings() -> None:
+    """Silence megatron's import-time notices that Apex / Transformer Engine are absent: expected (it
+    falls back to torch), and on every rank they would bury the diagnostics that matter."""
+    import warnings
+
+    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger under `adapt_pretrain` (unconfigured, warnings still reach stderr via logging's fallback)."""
     return logging.getLogger(name if name.startswith(ROOT_LOGGER) else f"{ROOT_LOGGER}.{name}")

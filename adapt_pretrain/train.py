@@ -21,7 +21,7 @@ from adapt_pretrain.checkpoint import CheckpointError
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env, strip_local_rank
-from adapt_pretrain.logs import setup_logging
+from adapt_pretrain.logs import quiet_known_warnings, setup_logging
 from adapt_pretrain.config import RunConfig, load_run_config
 from adapt_pretrain.layout import Layout
 from adapt_pretrain.training.callbacks.nonfinite import NonFiniteLossError
@@ -58,15 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----- entry ----------------------------------------------------------------------------------------
-
-def _quiet_known_warnings() -> None:
-    """Megatron warns on import that Apex/Transformer Engine are absent (expected: it falls back to torch)."""
-    import warnings
-
-    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
-                    ".*full scope is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-
 
 def _allowed_changes(args: argparse.Namespace, cfg: RunConfig) -> tuple[str, ...]:
     """The fields of `--allow-change` (comma lists, repeatable), checked against the config."""
@@ -115,7 +106,7 @@ def _exit_code(exc: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     argv, local_rank = strip_local_rank(argv)  # deepspeed appends --local_rank=N
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow options (e.g. appended ones)
     if args.resume not in (None, "auto") and "=" in args.resume and not os.path.exists(args.resume):

@@ -105,16 +105,20 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, root: st
     dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=384)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=384, help="hidden size of the GPT")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size")
+    p.add_argument("--seq", type=int, default=64, help="sequence length")
+    p.add_argument("--repeats", type=int, default=3, help="saves per format (medians are printed)")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     p.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -54,15 +54,20 @@ def stream_run(data_dir: str, workers: int, seq_len: int, mbs: int, batches: int
             "main_cpu_s": sum(me.cpu_times()[:2]) - cpu0_self, "peak_rss_mb": max(peak, rss) / 2**20}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--micro-batch-size", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=400)
-    ap.add_argument("--trainer-tokens-per-s", type=float, default=10000.0,
-                    help="what the demo trainer consumes (the target is >= 20x this)")
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed sequence")
+    p.add_argument("--micro-batch-size", type=int, default=8, help="sequences per micro-batch")
+    p.add_argument("--batches", type=int, default=400, help="micro-batches streamed per measurement")
+    p.add_argument("--trainer-tokens-per-s", type=float, default=10000.0,
+                   help="what the demo trainer consumes (the target is >= 20x this)")
+    p.add_argument("--workdir", default=None,
+                   help="where the two prepared corpora are written (default: a new temporary directory)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_data_")
     print(f"load average at start: {os.getloadavg()} on {os.cpu_count()} CPUs (wall figures depend on it)")
     dirs = {}

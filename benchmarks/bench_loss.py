@@ -211,17 +211,24 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--T", type=int, default=4096)
-    p.add_argument("--V", type=int, default=32000)
-    p.add_argument("--H", type=int, default=256)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--T", type=int, default=4096, help="tokens (rows of the logits)")
+    p.add_argument("--V", type=int, default=32000, help="vocabulary size (columns of the logits)")
+    p.add_argument("--H", type=int, default=256, help="hidden size of the states ADAPT scores")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of logits and hidden states")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--reps", type=int, default=9, help="timed runs per variant after one warm-up")
     p.add_argument("--json", help="also write the results to this file")
-    p.add_argument("--memory-of", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    p.add_argument("--memory-of", metavar="VARIANT",
+                   help="internal (the script reruns itself once per variant): measure this variant's "
+                        "peak memory and print it as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.memory_of:
         print(json.dumps({"peak_mib": measure_memory(args.memory_of, args)}))
         return 0

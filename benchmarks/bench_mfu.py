@@ -191,9 +191,10 @@ def report(name: str, r: dict[str, Any]) -> str:
     ])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(REPO, "launch", "configs", "demo-cpu.yaml"))
+    p.add_argument("--config", default=os.path.join(REPO, "launch", "configs", "demo-cpu.yaml"),
+                   help="the run config (YAML) to time (default: launch/configs/demo-cpu.yaml)")
     p.add_argument("--name", help="label of the printed block (default: the config's file name)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each (compilation, allocator)")
     p.add_argument("--steps", type=int, default=4, help="timed steps of each")
@@ -202,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-GPU peak for MFU (default: the GPU's bf16 peak from adapt_pretrain.flops, none on CPU)")
     p.add_argument("--json", help="append the figures as one JSON line to this file")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for the trainer)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from adapt_pretrain.megatron import teardown_parallel
-    from adapt_pretrain.train import _quiet_known_warnings
+    from adapt_pretrain.logs import quiet_known_warnings
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     cfg = load_bench_config(args.config, args.overrides)
     from adapt_pretrain.flops import current_device_name, peak_bf16_flops
 

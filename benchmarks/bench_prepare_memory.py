@@ -56,10 +56,14 @@ def token_ids(out: str) -> list[bytes]:
     return ids
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--doc-mb", type=int, default=20)
-    args = ap.parse_args()
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--doc-mb", type=int, default=20, help="size of the one long document in MB")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from adapt_pretrain.data import demo_corpus_paths
     from adapt_pretrain.data.pieces import DEFAULT_MAX_CHARS
 

@@ -23,22 +23,28 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(REPO, "launch", "configs", "demo-cpu.yaml"))
+    p.add_argument("--config", default=os.path.join(REPO, "launch", "configs", "demo-cpu.yaml"),
+                   help="the run config (YAML) to time (default: launch/configs/demo-cpu.yaml)")
     p.add_argument("--warmup", type=int, default=3, help="steps per trainer excluded from timing")
     p.add_argument("--periods", type=int, default=2, help="anchor-refresh periods timed")
     p.add_argument("--data-dir", default=os.path.join(REPO, "runs", "bench-data"),
                    help="prepared data (prepared here on first use when the config has a prepare section)")
     p.add_argument("--json", help="also write the figures to this file")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="section.key=value config overrides (as for the trainer)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env
     from adapt_pretrain.config import load_run_config
-    from adapt_pretrain.train import Trainer, _quiet_known_warnings
+    from adapt_pretrain.logs import quiet_known_warnings
+    from adapt_pretrain.train import Trainer
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     env = read_dist_env()
     threads = configure_threads(env)
     init_distributed(env)

@@ -25,6 +25,14 @@ grad norm are those of the exactly normalised global gradient.
 
 With ADAPT off (`adapt.enabled: false`) nothing is changed: the loss is the micro-batch's masked
 mean cross-entropy, `backward` and `step` are DeepSpeed's own, i.e. plain DeepSpeed training.
+
+Monitoring (`metrics`, `log`) uses the megatron trainer's keys where the meaning is the same:
+`loss`, `lr`, `grad_norm`, `train/step_time_s`, the throughput of `adapt_pretrain.flops.throughput_metrics`
+(`train/tokens_per_s` = global batch x seq_len / step time; `train/tflops_per_device` and, on a
+known GPU, `train/mfu` when the model's config gives its shape: `flops.shape_from_hf_config`),
+the cumulative `train/skipped_steps`, `train/tokens` (loss-carrying tokens) and
+`train/consumed_samples`, and the weight statistics (`adapt/*`, `domain/<name>/*`). Its own key:
+`adapt/normaliser`, the step's global normaliser S.
 """
 from __future__ import annotations
 
@@ -40,6 +48,10 @@ from torch import nn
 from adapt_pretrain.config import AdaptConfig, ConfigError
 from adapt_pretrain.core import AdaptEngine, LossTerms, group_loss_means, plain_token_loss
 from adapt_pretrain.core.capture import InputCapture
+from adapt_pretrain.flops import ModelShape, current_device_name, shape_from_hf_config, throughput_metrics
+from adapt_pretrain.logs import get_logger
+
+log = get_logger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "group_id", "position", "num_groups")
 STATIC_SCORE_KEYS = {"bm25": ("group_bm25",), "embed-static": ("group_static_score", "group_bm25")}
@@ -50,20 +62,29 @@ class StepResult:
     """One optimiser step, identical on every rank.
 
     loss: global sum(m w l) / S with ADAPT on, global masked-token mean with it off;
-    normaliser: S (ADAPT on) or the global masked-token count (off); grad_norm: DeepSpeed's global
-    norm (before clipping) of the gradient the update used, nan when it does not report one;
-    skipped: DeepSpeed did not apply the update (overflow / non-finite gradient);
-    stats: the step's weight statistics summed over DP (`adapt_pretrain.monitor.PartialStats`).
+    normaliser: S (ADAPT on) or the global masked-token count (off); num_tokens: the global batch's
+    loss-carrying tokens; num_samples, seq_len: its sequences and their length (the model processes
+    num_samples x seq_len positions); grad_norm: DeepSpeed's global norm (before clipping) of the
+    gradient the update used, nan when it does not report one; skipped: DeepSpeed did not apply the
+    update (overflow / non-finite gradient); step_time_s: from the step's first training forward to
+    the end of the update; consumed_samples, consumed_tokens, skipped_steps: the adapter's running
+    totals after this step; stats: the step's weight statistics summed over DP
+    (`adapt_pretrain.monitor.PartialStats`).
     """
 
     step: int
     loss: float
     normaliser: float
     num_tokens: int
+    num_samples: int
+    seq_len: int
     grad_norm: float
     lr: float
     skipped: bool
     step_time_s: float
+    consumed_samples: int
+    consumed_tokens: int
+    skipped_steps: int
     stats: Any
 
 
@@ -159,16 +180,30 @@ class DeepSpeedAdapt:
         from adapt_pretrain.monitor import StatsLayout
 
         self.layout = StatsLayout.for_adapt(self.cfg, len(self.domains))
+        # the step's clock starts at its first training forward (anchor refreshes run in eval mode)
+        self._step_clock = engine.module.register_forward_pre_hook(self._start_clock)
+        self._model_config = getattr(engine.module, "config", None)
+        self._shapes: dict[int, Optional[ModelShape]] = {}
+        self._device_name = current_device_name()
+        self.consumed_samples = 0  # running totals over all ranks, saved by state_dict()
+        self.consumed_tokens = 0
+        self.skipped_steps = 0
         self._start_step()
 
     # ----- per step state ---------------------------------------------------------------------------
     def _start_step(self) -> None:
         from adapt_pretrain.monitor import empty_stats
 
-        self._totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # S, sum m w l, tokens
+        # S, sum m w l, loss-carrying tokens, sequences (summed over micro-batches, then over ranks)
+        self._totals = torch.zeros(4, dtype=torch.float64, device=self.device)
         self._stats = empty_stats(self.layout, self.device)
         self._micro = 0
+        self._seq_len = 0
         self._t0: Optional[float] = None
+
+    def _start_clock(self, module: nn.Module, _inputs: Any) -> None:
+        if self._t0 is None and module.training:
+            self._t0 = time.perf_counter()
 
     @property
     def step_index(self) -> int:
@@ -233,7 +268,7 @@ class DeepSpeedAdapt:
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"micro-batch lacks {', '.join(missing)} (the data stream's micro-batch format)")
-        if self._t0 is None:
+        if self._t0 is None:  # a model called some other way than through engine.module's forward
             self._t0 = time.perf_counter()
         num_groups = int(batch["num_groups"])
         labels, mask, group_ids = (batch[k].reshape(-1) for k in ("labels", "loss_mask", "group_id"))
@@ -249,8 +284,11 @@ class DeepSpeedAdapt:
                                    num_contributions=self.gas * self.world)
         else:
             terms = _plain_terms(flat_logits, labels, mask, weights.weights)
+        tokens = batch["tokens"]
+        self._seq_len = max(self._seq_len, int(tokens.shape[-1]))
         self._totals += torch.stack([terms.normaliser.detach().double(), terms.loss_sum.detach().double(),
-                                     mask.sum().double()])
+                                     mask.sum().double(), torch.tensor(tokens.numel() // tokens.shape[-1],
+                                                                       dtype=torch.float64, device=self.device)])
         self._add_stats(batch, terms.token_loss, mask, group_ids, num_groups, terms.weights, weights.scores)
         self._micro += 1
         # ADAPT on: the weighted sum (normalised at the step); off: the plain micro-batch mean
@@ -288,7 +326,7 @@ class DeepSpeedAdapt:
                                f"gradient_accumulation_steps is {self.gas}: call loss()/backward()/step() once per micro-batch")
         step = self.step_index
         totals = self._reduce_sum(self._totals)
-        normaliser, loss_sum, tokens = (float(x) for x in totals.tolist())
+        normaliser, loss_sum, tokens, samples = (float(x) for x in totals.tolist())
         own_norm = None
         if self._divisor is not None:
             # S == 0: every weight in the global batch is 0, so is the gradient; divide by 1 (no NaN)
@@ -297,10 +335,17 @@ class DeepSpeedAdapt:
             self.engine.step()
         self.core.end_step(self._reduce_sum, self._reduce_max)
         stats = self._stats.reduce(self._reduce_sum, self._reduce_max)
+        skipped = not self.engine.was_step_applied()
+        self.consumed_samples += int(round(samples))
+        self.consumed_tokens += int(round(tokens))
+        self.skipped_steps += int(skipped)
         result = StepResult(step=step, loss=loss_sum / normaliser if normaliser > 0 else float("nan"),
-                            normaliser=normaliser, num_tokens=int(round(tokens)), grad_norm=self._grad_norm(own_norm),
-                            lr=float(self.engine.get_lr()[0]), skipped=not self.engine.was_step_applied(),
-                            step_time_s=time.perf_counter() - (self._t0 or time.perf_counter()), stats=stats)
+                            normaliser=normaliser, num_tokens=int(round(tokens)), num_samples=int(round(samples)),
+                            seq_len=self._seq_len, grad_norm=self._grad_norm(own_norm),
+                            lr=float(self.engine.get_lr()[0]), skipped=skipped,
+                            step_time_s=time.perf_counter() - (self._t0 or time.perf_counter()),
+                            consumed_samples=self.consumed_samples, consumed_tokens=self.consumed_tokens,
+                            skipped_steps=self.skipped_steps, stats=stats)
         self._start_step()
         return result
 
@@ -311,18 +356,31 @@ class DeepSpeedAdapt:
 
     # ----- monitoring -----------------------------------------------------------------------------------
     def metrics(self, result: StepResult) -> tuple[dict[str, float], dict[str, Any]]:
-        """(scalars, histograms) of one step, named as the megatron trainer names them."""
+        """(scalars, histograms) of one step: the keys of the module docstring."""
         from adapt_pretrain.monitor import finalize
 
         scalars = {"loss": result.loss, "lr": result.lr, "train/step_time_s": result.step_time_s,
-                   "train/tokens_per_s": result.num_tokens / max(result.step_time_s, 1e-9),
-                   "train/step_tokens": float(result.num_tokens), "adapt/normaliser": result.normaliser,
-                   "train/skipped": float(result.skipped)}
+                   **self._throughput(result),
+                   "train/skipped_steps": result.skipped_steps, "train/tokens": result.consumed_tokens,
+                   "train/consumed_samples": result.consumed_samples, "adapt/normaliser": result.normaliser}
         if math.isfinite(result.grad_norm):
             scalars["grad_norm"] = result.grad_norm
         metrics = finalize(result.stats, self.domains or None)
         scalars.update(metrics.scalars)
         return scalars, metrics.histograms
+
+    def _throughput(self, result: StepResult) -> dict[str, float]:
+        """tokens/s of the global batch (sequences x seq_len, padding included: the model computes on it);
+        TFLOP/s per device and MFU only when the model's config gives its shape."""
+        positions = result.num_samples * result.seq_len
+        seconds = max(result.step_time_s, 1e-9)
+        if result.seq_len not in self._shapes:
+            config = self._model_config
+            self._shapes[result.seq_len] = shape_from_hf_config(config, result.seq_len) if config is not None else None
+        shape = self._shapes[result.seq_len]
+        if shape is None:
+            return {"train/tokens_per_s": positions / seconds}
+        return throughput_metrics(positions, seconds, shape, self.world, self._device_name)
 
     def log(self, monitor: Any, result: StepResult, **extra: float) -> None:
         """Log one step to an `adapt_pretrain.monitor.Monitor` (metrics.jsonl and the W&B mirror,
@@ -333,15 +391,27 @@ class DeepSpeedAdapt:
 
     # ----- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """ADAPT's state (centroid, running statistics), identical on every rank: save it with the
-        engine's checkpoint, e.g. `engine.save_checkpoint(dir, client_state={"adapt": adapt.state_dict()})`."""
-        return {"engine": self.core.state_dict()}
+        """ADAPT's state (centroid, running statistics) and the monitoring totals, identical on every
+        rank: save it with the engine's checkpoint, e.g.
+        `engine.save_checkpoint(dir, client_state={"adapt": adapt.state_dict()})`."""
+        return {"engine": self.core.state_dict(),
+                "counters": {"consumed_samples": self.consumed_samples, "consumed_tokens": self.consumed_tokens,
+                             "skipped_steps": self.skipped_steps}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.core.load_state_dict(state["engine"])
+        counters = state.get("counters")
+        if counters is None:  # saved before the adapter kept them: training state is whole, only the totals restart
+            log.warning("the adapt state holds no monitoring totals (saved by an older adapt-pretrain): "
+                        "train/consumed_samples, train/tokens and train/skipped_steps count from 0 again")
+            return
+        self.consumed_samples = int(counters["consumed_samples"])
+        self.consumed_tokens = int(counters["consumed_tokens"])
+        self.skipped_steps = int(counters["skipped_steps"])
 
     def close(self) -> None:
-        """Remove the hidden-state hook from the model."""
+        """Remove the adapter's hooks from the model."""
+        self._step_clock.remove()
         if self._capture is not None:
             self._capture.remove()
             self._capture = None

@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare(args: argparse.Namespace) -> int:
     """The whole comparison for parsed arguments; returns the exit status."""
-    from adapt_pretrain.train import _quiet_known_warnings  # megatron's expected Apex/TE notices
+    from adapt_pretrain.logs import quiet_known_warnings  # megatron's expected Apex/TE notices
 
-    _quiet_known_warnings()
+    quiet_known_warnings()
     try:
         if args.jobs < 1:
             raise ValueError(f"--jobs {args.jobs} must be >= 1")

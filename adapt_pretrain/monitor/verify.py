@@ -6,10 +6,10 @@ end-to-end test (or a user) can see that the two agree. `python -m adapt_pretrai
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,14 +110,19 @@ def verify_wandb_mirror(run_dir: str, timeout: float = 30.0, rel: float = 1e-12,
     return check
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m adapt_pretrain.monitor.verify",
+                                description="compare a run directory's W&B offline run with its metrics.jsonl; "
+                                            "exit 0 when they agree, 1 on a difference, 2 on a usage error")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (holds metrics.jsonl and wandb/)")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="the run was killed: compare the steps W&B has and ignore the local tail it never got")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    allow = "--allow-incomplete" in argv
-    argv = [a for a in argv if a != "--allow-incomplete"]
-    if len(argv) != 1:
-        print("usage: python -m adapt_pretrain.monitor.verify RUN_DIR [--allow-incomplete]", file=sys.stderr)
-        return 2
-    check = verify_wandb_mirror(argv[0], allow_incomplete=allow)
+    args = build_parser().parse_args(argv)
+    check = verify_wandb_mirror(args.run_dir, allow_incomplete=args.allow_incomplete)
     print(f"{check.wandb_file}: {check.steps} steps, {check.values} values compared, "
           f"{len(check.mismatches)} mismatches{'' if check.complete else ' (W&B log incomplete: run killed?)'}")
     for m in check.mismatches[:20]:

@@ -247,7 +247,6 @@ class WandbMirror:
         self._warned = True
         msg = (f"adapt-pretrain monitor: W&B {what} failed ({type(exc).__name__}: {exc}); "
                "W&B mirror turned off, local metrics.jsonl continues")
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)  # once: callers and tests catch it as a warning
         self._record({"step": self._last_step, "time": time.time(), "event": "wandb_disabled",
                       "fields": {"stage": what, "error": f"{type(exc).__name__}: {exc}"}})

@@ -22,26 +22,26 @@ from typing import Any
 import torch
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="a directory written by `adapt-pretrain prepare`")
-    p.add_argument("--run-dir", default="runs/deepspeed-hf")
+    p.add_argument("--run-dir", default="runs/deepspeed-hf", help="where metrics.jsonl, W&B and the checkpoint go")
     p.add_argument("--steps", type=int, default=20, help="optimiser steps")
     p.add_argument("--config", help="DeepSpeed JSON; replaces the config built from the flags below")
-    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per micro-batch and rank")
+    p.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    p.add_argument("--bf16", action="store_true", help="bf16 training (needs ZeRO stage >= 1 with ADAPT on)")
+    p.add_argument("--hidden-size", type=int, default=64, help="hidden size of the Llama")
+    p.add_argument("--layers", type=int, default=2, help="transformer layers of the Llama")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the Llama")
     p.add_argument("--adapt", nargs="*", default=[], metavar="KEY=VALUE",
                    help="keys of the `adapt` section, on top of --config's section or, without --config, of "
                         "enabled=true refresh_interval=10; `--adapt enabled=false` is plain DeepSpeed training")
-    p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the model's initial weights")
+    return p
 
 
 def deepspeed_config(args: argparse.Namespace, world: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from adapt_pretrain.monitor import Monitor, WandbConfig
 
     rest, local_rank = strip_local_rank(list(sys.argv[1:] if argv is None else argv))  # deepspeed adds --local_rank
-    args = parse_args(rest)
+    args = build_parser().parse_args(rest)
     env = read_dist_env(local_rank)
     configure_threads(env)
     init_distributed(env)  # NCCL on GPUs, gloo on CPU; deepspeed.initialize then uses this group

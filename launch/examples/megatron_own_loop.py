@@ -48,11 +48,15 @@ def forever(stream: DataStream) -> Iterator[dict]:
         yield from stream
 
 
-def main(argv: list[str] | None = None) -> list[float]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", "-c", required=True)
+    parser.add_argument("--config", "-c", required=True, help="the run config (YAML), as for `adapt-pretrain train`")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[float]:
+    args = build_parser().parse_args(argv)
     cfg = load_run_config(args.config, args.overrides)
 
     info = setup_parallel(cfg.parallel, cfg.train.seed)

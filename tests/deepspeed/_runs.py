@@ -79,7 +79,7 @@ def adapt_run(init, job: dict[str, Any], my_steps: list[list[dict]], my_anchors:
     metrics = runner.metrics(results[-1])[0]
     return {"params": _full_params(engine, stage, job.get("bf16", False)), "losses": [r.loss for r in results],
             "grad_norms": [r.grad_norm for r in results], "skipped": [r.skipped for r in results],
-            "metrics": metrics}
+            "metrics": metrics, "step_time_s": results[-1].step_time_s, "counters": runner.state_dict()["counters"]}
 
 
 def plain_run(init, job: dict[str, Any], my_steps: list[list[dict]], world: int) -> dict[str, Any]:

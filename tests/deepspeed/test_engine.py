@@ -50,7 +50,10 @@ def _micro_batches(data_dir: str) -> tuple[list, list]:
     for rank in range(WORLD):
         stream = iter(DataStream(DataConfig(data_dir=data_dir, seq_len=_runs.SEQ, micro_batch_size=_runs.MICRO,
                                             num_workers=0), dp_rank=rank, dp_size=WORLD))
-        steps.append([[next(stream) for _ in range(_runs.GAS)] for _ in range(STEPS)])
+        rank_steps = [[next(stream) for _ in range(_runs.GAS)] for _ in range(STEPS)]
+        for micro_batches in rank_steps:  # some positions carry no loss (loss-carrying tokens < batch x seq_len)
+            micro_batches[0]["loss_mask"][:, -1] = 0
+        steps.append(rank_steps)
         anchors.append(anchor_batches(data_dir, _runs.SEQ, _runs.MICRO, rank, WORLD,
                                       num_anchors=_runs.ADAPT["num_anchors"]))
     return steps, anchors
@@ -143,6 +146,56 @@ def test_step_metrics_cover_the_global_batch(runs):
             assert metrics["loss"] == pytest.approx(runs["ref"]["losses"][-1], rel=SCALAR_TOL)
             assert 0.0 < metrics["adapt/weight_min"] < metrics["adapt/weight_max"] <= 1.0
             assert any(k.startswith("domain/") and k.endswith("/mean_weight") for k in metrics)
+
+
+def _hand_counted_training_flops(config, seq_len: int, tokens: int) -> int:
+    """3 x forward, forward = 2 x matmul weights + QK^T and AV (2 x seq x hidden each per layer), written
+    out for a Llama config: q and o projections h x h, k and v h x (kv_heads x head_dim), gated MLP
+    (gate, up, down: 3 x h x ffn), the output layer h x V."""
+    h, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    head_dim = h // heads
+    per_layer = 2 * h * h + 2 * h * kv * head_dim + 3 * h * config.intermediate_size
+    weights = config.num_hidden_layers * per_layer + h * config.vocab_size
+    attention = config.num_hidden_layers * 2 * 2 * seq_len * h
+    return 3 * (2 * weights + attention) * tokens
+
+
+def test_step_metrics_use_the_trainers_keys_and_throughput(runs):
+    """The adapter logs what the megatron trainer logs under the same names; throughput is the global
+    batch's positions (sequences x seq_len) over the step time, FLOPs counted from the HF config."""
+    config = _runs.tiny_llama().config
+    sequences = WORLD * _runs.GAS * _runs.MICRO
+    positions = sequences * _runs.SEQ
+    masked = sum(float(b["loss_mask"].sum()) for step in runs["global_steps"] for b in step)
+    assert masked < STEPS * positions  # so that throughput over loss-carrying tokens would fail below
+    for stage in STAGES:
+        for out in runs["adapt"][stage]:
+            m, seconds = out["metrics"], out["step_time_s"]
+            assert {"loss", "lr", "grad_norm", "train/step_time_s", "train/tokens_per_s", "train/tflops_per_device",
+                    "train/skipped_steps", "train/tokens", "train/consumed_samples", "adapt/normaliser"} <= set(m)
+            assert not {"train/step_tokens", "train/skipped", "train/mfu"} & set(m)  # no MFU on a CPU
+            assert m["train/step_time_s"] == seconds > 0
+            assert m["train/tokens_per_s"] == pytest.approx(positions / seconds, rel=1e-12)
+            flops = _hand_counted_training_flops(config, _runs.SEQ, positions)
+            assert m["train/tflops_per_device"] == pytest.approx(flops / seconds / WORLD / 1e12, rel=1e-12)
+            assert m["train/consumed_samples"] == STEPS * sequences
+            assert m["train/tokens"] == masked
+            assert m["train/skipped_steps"] == 0
+            assert out["counters"] == {"consumed_samples": STEPS * sequences, "consumed_tokens": masked,
+                                       "skipped_steps": 0}
+
+
+def test_no_flops_without_the_models_shape():
+    """A config without the fields of a dense shape (GPT-2 names its MLP width n_inner) or a mixture of
+    experts gets no ModelShape, hence tokens/s only: never a guessed TFLOP/s."""
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig
+
+    from adapt_pretrain.flops import shape_from_hf_config
+
+    assert shape_from_hf_config(GPT2Config(), 64) is None
+    assert shape_from_hf_config(MixtralConfig(), 64) is None
+    shape = shape_from_hf_config(LlamaConfig(hidden_act="gelu", num_key_value_heads=None), 64)
+    assert shape is not None and not shape.swiglu and shape.seq_len == 64
 
 
 @pytest.mark.parametrize("stage", BF16_STAGES)

@@ -57,6 +57,10 @@ def test_documented_example_trains_and_logs(example_run):
     scalars = steps[19]["scalars"]
     assert scalars["adapt/groups"] > 0 and "grad_norm" in scalars
     assert "domain/python_doc/mean_weight" in scalars  # the curriculum rows reach the monitor
+    # the trainer's throughput keys; the Llama's shape comes from its HF config (no MFU on a CPU)
+    assert scalars["train/tokens_per_s"] > 0 and scalars["train/tflops_per_device"] > 0
+    sequences = 4 * 2 * 2  # the example's defaults: micro-batch 4, 2 accumulation steps, 2 processes
+    assert scalars["train/consumed_samples"] == 20 * sequences and scalars["train/skipped_steps"] == 0
     assert [e["step"] for e in events if e["event"] == "anchor_refresh"] == [0, 10]
     assert any(name.startswith("offline-run-") for name in os.listdir(run_dir / "wandb"))
     assert "[step 19] loss=" in logs[-1]
@@ -71,3 +75,5 @@ def test_checkpoint_holds_adapt_state(example_run):
     for path in files:
         anchors = torch.load(path, map_location="cpu", weights_only=False)["adapt"]["engine"]["anchors"]
         assert anchors["num_refreshes"] == 2 and anchors["centroid"].shape == (64,)
+        counters = torch.load(path, map_location="cpu", weights_only=False)["adapt"]["counters"]
+        assert counters["consumed_samples"] == 20 * 4 * 2 * 2 and counters["skipped_steps"] == 0

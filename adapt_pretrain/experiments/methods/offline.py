@@ -81,7 +81,7 @@ def embed_scores(run_dir: str, data_dir: str, num_anchors: int | None = None, pr
     return {"doc_ids": ids, "scores": [float(s) for s in scores], "tokens": toks, "embed_tokens": int(seen)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m adapt_pretrain.experiments.methods.offline",
                                 description="score training documents with a proxy run's embeddings")
     p.add_argument("--run", required=True, help="the proxy run's directory (its final checkpoint is loaded)")
@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", type=int, default=None, help="embed only the first N tokens of each document")
     p.add_argument("--out", required=True, help="JSON file to write: doc_ids, scores, tokens, embed_tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for a log file)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = embed_scores(args.run, args.data, args.num_anchors, args.prefix, progress=not args.no_progress)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -1,4 +1,4 @@
-"""Micro-benchmark of monitoring cost per step: `python -m adapt_pretrain.monitor.overhead`.
+"""Micro-benchmark of monitoring cost per step: `python benchmarks/bench_monitor_overhead.py`.
 
 Why: monitoring must stay under 1% of a training step. This times what the training thread pays
 for monitoring (partial sums + finalise + `Monitor.log_step` at the demo cadence for histograms and
@@ -76,13 +76,17 @@ def measure(groups: int = 64, domains: int = 8, steps: int = 200, wandb_mode: st
             "overhead_pct": (on - off) / off * 100, "close_s": close_s}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--groups", type=int, default=64)
-    p.add_argument("--domains", type=int, default=8)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--groups", type=int, default=64, help="token groups (documents) per step")
+    p.add_argument("--domains", type=int, default=8, help="data domains")
+    p.add_argument("--steps", type=int, default=200, help="measured steps, each with and without monitoring")
     p.add_argument("--step-ms", type=float, default=100.0, help="duration of the stand-in training step")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     # One intra-op thread: on a loaded machine torch's thread pool, woken by the stand-in step's
     # matmuls, made these tiny ops 100x slower (36 ms instead of 0.2 ms) and measured contention.
