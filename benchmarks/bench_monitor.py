@@ -18,6 +18,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MONITORING_HOOKS = ("add_metrics", "log_metrics")  # the trainer hooks that build and publish the metrics line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     from adapt_pretrain.config import load_run_config
     from adapt_pretrain.logs import quiet_known_warnings
     from adapt_pretrain.train import Trainer
-    from adapt_pretrain.training.callbacks import MetricsLogger
 
     quiet_known_warnings()
     env = read_dist_env()
@@ -53,33 +53,43 @@ def main(argv: list[str] | None = None) -> int:
                                         "train.checkpoint_interval=0", f"train.run_dir={run_dir}",
                                         f"train.steps={total}", *args.overrides])
     trainer = Trainer(cfg, env)
-    metrics = trainer.callbacks.find(MetricsLogger)  # everything monitoring adds to a step
-    log_step = metrics.on_step_end
+    fire = trainer.callbacks.fire
     step_metrics = trainer.step_fn.adapt.step_metrics  # the statistics' partial sums and their DP reduction
-    inside: list[float] = []
+    state = {"on": True, "inside": 0.0}
 
-    def timed_log_step(*a, **k):
+    def timed(fn, *a):
         t0 = time.perf_counter()
-        log_step(*a, **k)
-        inside.append(time.perf_counter() - t0)
+        out = fn(*a)
+        state["inside"] += time.perf_counter() - t0
+        return out
 
+    def switched_fire(hook: str, *a) -> None:
+        """Everything monitoring adds to a step: building the metrics line and publishing it."""
+        if hook not in MONITORING_HOOKS:
+            return fire(hook, *a)
+        if state["on"]:
+            timed(fire, hook, *a)
+
+    trainer.callbacks.fire = switched_fire
+    trainer.step_fn.adapt.step_metrics = lambda: timed(step_metrics) if state["on"] else None
     times: dict[str, list[float]] = {"on": [], "off": []}
+    inside: list[float] = []
     try:
         for i in range(total):
-            monitoring = i % 2 == 0
-            metrics.on_step_end = timed_log_step if monitoring else (lambda *a, **k: None)
-            trainer.step_fn.adapt.step_metrics = step_metrics if monitoring else (lambda: None)
+            state["on"], state["inside"] = i % 2 == 0, 0.0
             t0 = time.perf_counter()
             trainer.step_once()
             elapsed = time.perf_counter() - t0
             if i >= args.warmup:
-                times["on" if monitoring else "off"].append(elapsed)
+                times["on" if state["on"] else "off"].append(elapsed)
+                if state["on"]:
+                    inside.append(state["inside"])
     finally:
-        metrics.on_step_end = log_step
+        trainer.callbacks.fire = fire
         trainer.step_fn.adapt.step_metrics = step_metrics
         trainer.close()
     on, off = statistics.mean(times["on"]), statistics.mean(times["off"])
-    inside_ms = statistics.mean(inside[args.warmup // 2:]) * 1e3
+    inside_ms = statistics.mean(inside) * 1e3
     print(f"monitoring on : mean step {on * 1e3:8.1f} ms  (median {statistics.median(times['on']) * 1e3:.1f})")
     print(f"monitoring off: mean step {off * 1e3:8.1f} ms  (median {statistics.median(times['off']) * 1e3:.1f})")
     print(f"ratio on/off  : {on / off:.4f}")
