@@ -135,7 +135,7 @@ def export_checkpoint(ckpt: str, out: str, tokenizer: Optional[str] = None) -> d
     """Write the Llama export of checkpoint directory `ckpt` into `out`; returns a summary."""
     from safetensors.torch import save_file
 
-    from adapt_pretrain.checkpoint import read_meta
+    from adapt_pretrain.checkpointing import read_meta
     from adapt_pretrain.config import from_dict
     from adapt_pretrain.megatron.reshard import gather_full_state_dict
     from adapt_pretrain.trained_model import load_checkpoint_gpt
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from adapt_pretrain.checkpoint import CheckpointError, find_run_checkpoint
+        from adapt_pretrain.checkpointing import CheckpointError, find_run_checkpoint
 
         ckpt = find_run_checkpoint(args.run_dir, args.step)
         summary = export_checkpoint(ckpt, args.out, args.tokenizer)

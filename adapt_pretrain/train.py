@@ -17,7 +17,7 @@ import time
 import torch.distributed as dist
 
 from adapt_pretrain import watchdog
-from adapt_pretrain.checkpoint import CheckpointError
+from adapt_pretrain.checkpointing import CheckpointError
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.data.config import DataError
 from adapt_pretrain.deepspeed.launcher import configure_threads, init_distributed, read_dist_env, strip_local_rank
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _allowed_changes(args: argparse.Namespace, cfg: RunConfig) -> tuple[str, ...]:
     """The fields of `--allow-change` (comma lists, repeatable), checked against the config."""
-    from adapt_pretrain.checkpoint import consent_problems
+    from adapt_pretrain.checkpointing import consent_problems
 
     fields = tuple(f.strip() for group in args.allow_change for f in group.split(",") if f.strip())
     if fields and args.resume is None:

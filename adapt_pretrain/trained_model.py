@@ -36,7 +36,7 @@ def load_checkpoint_gpt(ckpt: str) -> tuple[Any, dict[str, Any], torch.nn.Module
     """(ModelConfig, meta, GPTModel): the checkpoint's network rebuilt as TP = PP = 1 in this process,
     with its weights, whatever layout wrote it (sharded checkpoints are resharded on load; a legacy
     per-rank checkpoint is readable only if it was written with TP = PP = 1)."""
-    from adapt_pretrain.checkpoint import load_rank_state, read_meta
+    from adapt_pretrain.checkpointing import load_rank_state, read_meta
     from adapt_pretrain.config import from_dict
     from adapt_pretrain.megatron.config import ModelConfig, ParallelConfig
     from adapt_pretrain.megatron.dist_ckpt import is_sharded_checkpoint, load_sharded, sharded_dir
@@ -66,7 +66,7 @@ def load_run_model(run_dir: str) -> LoadedModel:
     """Rebuild the run's GPT in this process and load its final weights (eval mode, no grad)."""
     from adapt_pretrain.megatron.model import HiddenCapture
 
-    from adapt_pretrain.checkpoint import find_run_checkpoint
+    from adapt_pretrain.checkpointing import find_run_checkpoint
 
     model_cfg, meta, gpt = load_checkpoint_gpt(find_run_checkpoint(run_dir))
     return LoadedModel(gpt, model_cfg.seq_len, meta["config"], int(meta.get("step", 0)), HiddenCapture.attach(gpt))

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from adapt_pretrain.checkpoint import CheckpointError
+from adapt_pretrain.checkpointing import CheckpointError
 from adapt_pretrain.logs import get_logger
 
 log = get_logger(__name__)

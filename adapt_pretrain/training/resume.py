@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from adapt_pretrain.checkpoint import (LATEST, CheckpointError, check_resume_compatible, checkpoint_root,
+from adapt_pretrain.checkpointing import (LATEST, CheckpointError, check_resume_compatible, checkpoint_root,
                                        committed_checkpoints,
                                        consented_changes, has_checksums, read_meta, same_layout, select_checkpoint,
                                        set_aside_all, set_aside_newer, set_rng_state, step_of, verify_everywhere)

@@ -20,7 +20,7 @@ from adapt_pretrain.layout import Layout
 from adapt_pretrain.monitor import NullMonitor
 from adapt_pretrain.training.build import build_parts
 from adapt_pretrain.training.callbacks import Callback, CallbackList, RunLog, StepLog, default_callbacks
-from adapt_pretrain.checkpoint import checkpoint_root
+from adapt_pretrain.checkpointing import checkpoint_root
 from adapt_pretrain.training.resume import Resumer, callback_states
 
 

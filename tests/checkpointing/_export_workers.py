@@ -70,7 +70,7 @@ def save_under_tp2(rank: int, world_size: int, root: str, data_dir: str) -> dict
             with open(os.path.join(ckpt, "meta.json"), "w", encoding="utf-8") as fh:
                 json.dump(meta, fh)
             # the manifest the trainer writes last (rank 0 owns the sharded files; readers verify it)
-            from adapt_pretrain.checkpoint import describe_files, write_manifest
+            from adapt_pretrain.checkpointing import describe_files, write_manifest
 
             model_files = [f"model/{n}" for n in sorted(os.listdir(sharded_dir(ckpt)))]
             write_manifest(ckpt, 1, describe_files(ckpt, [*model_files, "meta.json"], rank=0))
@@ -89,7 +89,7 @@ def eval_windows() -> torch.Tensor:
 
 def export_and_evaluate(rank: int, world_size: int, root: str) -> dict:
     """Export every variant, and compute `adapt-pretrain eval`'s per-token losses from its checkpoint."""
-    from adapt_pretrain.checkpoint import find_run_checkpoint
+    from adapt_pretrain.checkpointing import find_run_checkpoint
     from adapt_pretrain.export import export_checkpoint
     from adapt_pretrain.trained_model import load_run_model, token_losses
 

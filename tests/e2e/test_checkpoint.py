@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from adapt_pretrain.checkpoint import (CheckpointError, find_checkpoint, load_rank_state, pin_checkpoint,
+from adapt_pretrain.checkpointing import (CheckpointError, find_checkpoint, load_rank_state, pin_checkpoint,
                                        prune_checkpoints, read_meta, save_checkpoint, select_checkpoint, set_aside_all,
                                        set_aside_newer, verify_checkpoint, verify_everywhere)
 from adapt_pretrain.deepspeed.launcher import read_dist_env, strip_local_rank

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from adapt_pretrain.checkpoint import CheckpointError, check_resume_compatible, consent_problems, consented_changes
+from adapt_pretrain.checkpointing import CheckpointError, check_resume_compatible, consent_problems, consented_changes
 from adapt_pretrain.config import ConfigError
 from adapt_pretrain.config import load_run_config
 from adapt_pretrain.layout import Layout

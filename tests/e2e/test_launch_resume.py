@@ -111,7 +111,7 @@ def test_rank_1_errors_reach_the_console_with_its_rank(runs, demo_data_dir, tmp_
     load failure is printed by rank 1 with its rank; rank 0 stops too (no hang); exit code 3; nothing moved."""
     import torch
 
-    from adapt_pretrain.checkpoint import describe_files, write_manifest
+    from adapt_pretrain.checkpointing import describe_files, write_manifest
 
     run_dir = str(tmp_path / "part")
     shutil.copytree(runs["part"], run_dir)

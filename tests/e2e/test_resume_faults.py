@@ -146,7 +146,7 @@ def test_empty_latest_and_extending_steps_keeps_the_lr_horizon(base, demo_data_d
     for step, lr in lrs.items():
         assert lr == pytest.approx(reference_lr(step, total=4), rel=1e-9, abs=1e-12), step
     assert [e["fields"]["total_steps"] for e in events(run_dir, "lr_schedule_kept")] == [4]
-    from adapt_pretrain.checkpoint import read_meta
+    from adapt_pretrain.checkpointing import read_meta
 
     config = read_meta(os.path.join(ckpt, "step_000006"))["config"]
     assert (config["train"]["steps"], config["optim"]["total_steps"]) == (6, 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapt_pretrain.checkpoint import prune_checkpoints, rng_state, save_checkpoint
+from adapt_pretrain.checkpointing import prune_checkpoints, rng_state, save_checkpoint
 from adapt_pretrain.logs import get_logger
 from adapt_pretrain.training.callbacks.base import Callback
 from adapt_pretrain.training.callbacks.nonfinite import NonFinitePolicy, went_nonfinite

@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from adapt_pretrain.checkpoint import committed_checkpoints, pin_checkpoint, set_aside_newer, step_of
+from adapt_pretrain.checkpointing import committed_checkpoints, pin_checkpoint, set_aside_newer, step_of
 from adapt_pretrain.logs import get_logger
 from adapt_pretrain.training.callbacks.base import Callback
 from adapt_pretrain.training.collective import on_rank0

@@ -6,8 +6,8 @@ import shutil
 import time
 from typing import Sequence
 
-from adapt_pretrain.checkpoint.names import LATEST, PINNED, SUPERSEDED_PREFIX, atomic_write_text, step_of
-from adapt_pretrain.checkpoint.selection import _first_line, committed_checkpoints
+from adapt_pretrain.checkpointing.names import LATEST, PINNED, SUPERSEDED_PREFIX, atomic_write_text, step_of
+from adapt_pretrain.checkpointing.selection import _first_line, committed_checkpoints
 
 
 def set_aside(root: str, names: Sequence[str], why: str) -> str:

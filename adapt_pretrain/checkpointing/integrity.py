@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from adapt_pretrain.checkpoint.names import (
+from adapt_pretrain.checkpointing.names import (
     Exchange, FORMAT_VERSION, MANIFEST, META, atomic_write_text, rank_file, read_meta, single_process)
 
 

@@ -29,19 +29,19 @@ compatibility.py (what may change on resume).
 """
 from __future__ import annotations
 
-from adapt_pretrain.checkpoint.names import (CHECKPOINT_SUBDIR, checkpoint_root, FORMAT_VERSION, LATEST, META,
+from adapt_pretrain.checkpointing.names import (CHECKPOINT_SUBDIR, checkpoint_root, FORMAT_VERSION, LATEST, META,
     MANIFEST, PINNED, SUPERSEDED_PREFIX,
     Exchange, RankState, single_process, CheckpointError, step_dir_name, step_of, rank_file, atomic_write_text,
     read_meta)
-from adapt_pretrain.checkpoint.rng import (rng_state, set_rng_state)
-from adapt_pretrain.checkpoint.integrity import (file_digest, describe_files, write_manifest, verify_checkpoint,
+from adapt_pretrain.checkpointing.rng import (rng_state, set_rng_state)
+from adapt_pretrain.checkpointing.integrity import (file_digest, describe_files, write_manifest, verify_checkpoint,
     has_checksums, verify_everywhere)
-from adapt_pretrain.checkpoint.selection import (committed_checkpoints, read_latest, Selection, select_checkpoint,
+from adapt_pretrain.checkpointing.selection import (committed_checkpoints, read_latest, Selection, select_checkpoint,
     find_checkpoint, find_run_checkpoint)
-from adapt_pretrain.checkpoint.retention import (set_aside, set_aside_all, set_aside_newer, pin_checkpoint,
+from adapt_pretrain.checkpointing.retention import (set_aside, set_aside_all, set_aside_newer, pin_checkpoint,
     pinned_checkpoint, prune_checkpoints)
-from adapt_pretrain.checkpoint.storage import (write_rank_state, save_checkpoint, load_rank_state)
-from adapt_pretrain.checkpoint.compatibility import (SAFE_TO_CHANGE, CHANGE_WITH_CONSENT, changed_fields,
+from adapt_pretrain.checkpointing.storage import (write_rank_state, save_checkpoint, load_rank_state)
+from adapt_pretrain.checkpointing.compatibility import (SAFE_TO_CHANGE, CHANGE_WITH_CONSENT, changed_fields,
     consent_problems, config_differences, consented_changes, global_batch, layout_problems, same_layout,
     check_resume_compatible)
 

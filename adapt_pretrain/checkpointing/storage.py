@@ -9,11 +9,11 @@ from typing import Any, Sequence
 
 import torch
 
-from adapt_pretrain.checkpoint.integrity import describe_files, write_manifest
-from adapt_pretrain.checkpoint.names import (
+from adapt_pretrain.checkpointing.integrity import describe_files, write_manifest
+from adapt_pretrain.checkpointing.names import (
     CheckpointError, Exchange, FORMAT_VERSION, LATEST, META, RankState, atomic_write_text, rank_file,
     single_process, step_dir_name)
-from adapt_pretrain.checkpoint.retention import set_aside
+from adapt_pretrain.checkpointing.retention import set_aside
 
 
 def write_rank_state(directory: str, rank: int, rank_state: RankState) -> dict[str, dict[str, Any]]:

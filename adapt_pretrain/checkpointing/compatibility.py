@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from adapt_pretrain.checkpoint.names import CheckpointError
+from adapt_pretrain.checkpointing.names import CheckpointError
 
 
 # Config fields that may change between a run and its resume without changing what is computed.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from adapt_pretrain.checkpoint.integrity import verify_everywhere
-from adapt_pretrain.checkpoint.names import (
+from adapt_pretrain.checkpointing.integrity import verify_everywhere
+from adapt_pretrain.checkpointing.names import (
     CheckpointError, Exchange, LATEST, META, checkpoint_root, single_process, step_dir_name, step_of)
 
 
