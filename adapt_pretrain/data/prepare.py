@@ -17,20 +17,20 @@ import shutil
 import sys
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from adapt_pretrain.config import ConfigError
-from adapt_pretrain.data.bm25 import BM25Scorer
+from adapt_pretrain.data.bm25_pass import bm25_pass
 from adapt_pretrain.data.config import DataError, PrepareConfig, check_prepare_inputs
 from adapt_pretrain.data.demo import expand_demo_inputs
 from adapt_pretrain.data.manifest import FORMAT, Manifest, shard_entry, split_summary, write_manifest
 from adapt_pretrain.data.pieces import iter_pieces, split_text
 from adapt_pretrain.data.readers import RawDoc, iter_documents
 from adapt_pretrain.data.routing import DocumentRouter
-from adapt_pretrain.data.shardio import ShardFile, iter_raw_samples, read_shard, token_dtype
+from adapt_pretrain.data.shardio import ShardFile, SplitWriter, token_dtype
 from adapt_pretrain.data.skips import SkipCounter
 from adapt_pretrain.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, train_bpe
 from adapt_pretrain.data.workers import die_with_parent
@@ -116,56 +116,6 @@ class _Window:
         """Unblock the reader for good (on exit or error), so the pool can shut down."""
         self._closed = True
         self._slots.release(1 << 16)
-
-
-# ---- shard writing ---------------------------------------------------------------------------
-class SplitWriter:
-    """Rolls shards of one split at `shard_tokens` tokens; names are `split/split-000000.tar`."""
-
-    def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int) -> None:
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
-        self.current: Optional[ShardFile] = None
-        self.done: list[ShardFile] = []
-
-    def write(self, doc_id: int, tokens: np.ndarray, record: dict) -> None:
-        if self.current is None:
-            name = f"{self.split}/{self.split}-{len(self.done):06d}.tar"
-            self.current = ShardFile(os.path.join(self.out_dir, name), self.dtype)
-            self.current.name = name  # type: ignore[attr-defined]
-        self.current.write(doc_id, tokens, record)
-        if self.current.tokens >= self.shard_tokens:
-            self.close()
-
-    def close(self) -> None:
-        if self.current is not None:
-            self.current.close()
-            self.done.append(self.current)
-            self.current = None
-
-
-# ---- BM25 pass --------------------------------------------------------------------------------
-def _bm25_scores(args: tuple) -> list[float]:
-    path, dtype, vocab, domains, scorer = args
-    docs = read_shard(path, path, SkipCounter(strict=True), dtype, vocab, domains)
-    return [scorer.score(d.tokens) for d in docs]
-
-
-def _bm25_rewrite(args: tuple) -> None:
-    """Rewrite one shard with `bm25` (z-scored) added to every JSON record."""
-    import json
-    path, dtype, vocab, domains, scorer, mean, std = args
-    with open(path, "rb") as f:
-        data = f.read()
-    samples = list(iter_raw_samples(data, path, SkipCounter(strict=True)))
-    sf = ShardFile(path + ".tmp", dtype)
-    for s in samples:
-        rec = json.loads(s["json"])
-        toks = np.frombuffer(s["tokens"], dtype=np.dtype(dtype).newbyteorder("<")).astype(np.int64)
-        rec["bm25"] = (scorer.score(toks) - mean) / std
-        sf.write(rec.pop("doc_id"), toks, rec)
-    sf.close()
-    os.replace(path + ".tmp", path)
 
 
 # ---- main entry ---------------------------------------------------------------------------------
@@ -308,7 +258,7 @@ def prepare(cfg: PrepareConfig) -> str:
     log.info("tokenised and wrote shards in %.1fs", t_shards - t_tok)
     bm25_info: dict[str, Any] = {"enabled": False}
     if cfg.bm25:
-        bm25_info = _bm25_pass(cfg, all_files, df, num_docs, total_tokens, [a[1] for a in anchors], dtype, vocab, domains)
+        bm25_info = bm25_pass(cfg, all_files, df, num_docs, total_tokens, [a[1] for a in anchors], dtype, vocab, domains)
 
     raw = {
         "format": FORMAT,
@@ -333,28 +283,6 @@ def prepare(cfg: PrepareConfig) -> str:
     log.info("prepared %d docs, %d tokens in %.1fs; %d skipped %s", num_docs, total_tokens, time.time() - t0, n_skip,
              {k: v for k, v in skips.as_dict().items() if v})
     return path
-
-
-def _bm25_pass(cfg: PrepareConfig, files: list[ShardFile], df: np.ndarray, num_docs: int, total_tokens: int,
-               anchors: list[np.ndarray], dtype: str, vocab: int, domains: list[str]) -> dict[str, Any]:
-    scorer = BM25Scorer.build(df, num_docs, total_tokens, anchors, cfg.bm25_k1, cfg.bm25_b)
-    dom = {d: i for i, d in enumerate(domains)}
-    paths = [os.path.join(cfg.out_dir, sf.name) for sf in files]  # type: ignore[attr-defined]
-    n_data = len(paths) - (1 if paths and paths[-1].endswith("anchors.tar") else 0)
-    args = [(p, dtype, vocab, dom, scorer) for p in paths]
-    runner = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(cfg.num_workers) \
-        if cfg.num_workers > 1 else None
-    try:
-        mapper = runner.map if runner else lambda f, a: list(map(f, a))
-        scores = np.concatenate([np.asarray(s, dtype=np.float64) for s in mapper(_bm25_scores, args[:n_data])] or [np.zeros(0)])
-        mean, std = float(scores.mean()), float(scores.std()) or 1.0
-        list(mapper(_bm25_rewrite, [a + (mean, std) for a in args]))
-    finally:
-        if runner:
-            runner.close()
-            runner.join()
-    return {"enabled": True, "k1": cfg.bm25_k1, "b": cfg.bm25_b, "raw_mean": mean, "raw_std": std,
-            "num_anchors": len(anchors), "zscored_over": "all train+val documents"}
 
 
 def build_parser() -> argparse.ArgumentParser:

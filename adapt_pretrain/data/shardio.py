@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional
 
@@ -152,3 +153,28 @@ def read_shard(path: str, name: str, skips: SkipCounter, dtype: str, vocab_size:
         if doc is not None:
             docs.append(doc)
     return docs
+
+
+class SplitWriter:
+    """Rolls shards of one split at `shard_tokens` tokens; names are `split/split-000000.tar`."""
+
+    def __init__(self, out_dir: str, split: str, dtype: str, shard_tokens: int) -> None:
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+        self.current: Optional[ShardFile] = None
+        self.done: list[ShardFile] = []
+
+    def write(self, doc_id: int, tokens: np.ndarray, record: dict) -> None:
+        if self.current is None:
+            name = f"{self.split}/{self.split}-{len(self.done):06d}.tar"
+            self.current = ShardFile(os.path.join(self.out_dir, name), self.dtype)
+            self.current.name = name  # type: ignore[attr-defined]
+        self.current.write(doc_id, tokens, record)
+        if self.current.tokens >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.done.append(self.current)
+            self.current = None
