@@ -240,7 +240,7 @@ class AdaptMegatron:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
 
-    def step_metrics(self) -> Optional["StepMetrics"]:
+    def step_metrics(self, rows: Optional[dict[str, torch.Tensor]] = None) -> Optional["StepMetrics"]:
         """This step's monitoring metrics on last-stage ranks (None elsewhere): an
         `adapt_pretrain.monitor.StepMetrics` (`.scalars`: `adapt/weight_*`, `adapt/ess`,
         `domain/<name>/...`, `loss/*`; `.histograms`: `hist/weights`, `hist/scores`).
@@ -249,13 +249,14 @@ class AdaptMegatron:
         reduced over DP (sum + max), finalised; identical on every last-stage rank and equal to the
         metrics of the whole global batch. Collective over DP on the last stage: every last-stage
         rank calls it every step, or none does. Cost: one small all-reduce pair, whatever the batch.
+        rows: this rank's `local_groups()` when the caller already holds them (not built twice).
         """
         if not self.is_last_stage:
             return None
         from adapt_pretrain.monitor import empty_stats, finalize, partial_stats
 
         layout = self.stats_layout()
-        rows = self.local_groups(device=self.device)
+        rows = self.local_groups(device=self.device) if rows is None else rows
         if rows and "weights" in rows:
             domain = rows.get("group_domain")
             if domain is None:  # no domain labels: the groups count in the global metrics only

@@ -52,7 +52,7 @@ class StepResult:
     every last-stage rank, None elsewhere.
     local_groups: this rank's own per-group rows (`AdaptMegatron.local_groups`: weights, scores,
     group_domain, group_doc_id, group_tokens, group_loss_sum) on last-stage ranks, None elsewhere;
-    for tables of documents whose tokens this rank holds.
+    on the step's device (no copy every step), for tables of documents whose tokens this rank holds.
     groups: every group row of the global batch gathered over DP, only with
     `TrainStep(gather_groups=True)` (a test/debug aid), else None.
     """
@@ -141,11 +141,11 @@ class TrainStep:
             else:
                 skipped = True
         totals = self.adapt.end_step()
-        metrics = self.adapt.step_metrics()
+        rows = self.adapt.local_groups(device=self.adapt.device)  # on the device: no copy unless a table reads them
+        metrics = self.adapt.step_metrics(rows)
         groups = self.adapt.groups() if self.gather_groups else None
         return StepResult(loss=totals.loss, grad_norm=grad_norm, lr=lr, skipped=skipped, num_tokens=totals.num_tokens,
-                          normaliser=totals.normaliser, metrics=metrics, local_groups=self.adapt.local_groups(),
-                          groups=groups)
+                          normaliser=totals.normaliser, metrics=metrics, local_groups=rows, groups=groups)
 
     def needs_anchor_refresh(self, step: int) -> bool:
         """Same answer on every rank (the centroid is kept identical everywhere)."""

@@ -19,7 +19,8 @@ class ExtremeDocuments(Callback):
     def add_metrics(self, trainer: Any, step: int, out: Any, metrics: StepLog) -> None:
         if out.local_groups is None or not trainer.info.is_logging_rank or not trainer.monitor.table_due(step):
             return
-        metrics.tables["extreme_documents"] = self.rows(trainer, out.local_groups, trainer.last_step.micro_batches)
+        rows = {key: value.cpu() for key, value in out.local_groups.items()}  # only on table steps
+        metrics.tables["extreme_documents"] = self.rows(trainer, rows, trainer.last_step.micro_batches)
 
     def rows(self, trainer: Any, groups: dict[str, torch.Tensor], micro: list[dict]) -> list[dict[str, Any]]:
         """Picked among the logging rank's own groups (its 1/DP share of the global batch), whose tokens it
